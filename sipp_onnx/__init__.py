@@ -1,0 +1,43 @@
+"""sipp-onnx: sensitivity-informed provable pruning (SiPP) of ONNX models.
+
+from sipp_onnx import prune_model, PruneConfig
+result = prune_model("model.onnx", "calib.npz", PruneConfig(sparsity=0.7), output="pruned.onnx")
+print(result.report.format_table())
+"""
+
+__version__ = "0.1.0"
+
+from .config import Method, Provider, PruneConfig, Reduction  # noqa: E402
+from .discover import discover  # noqa: E402
+from .errors import (  # noqa: E402
+    CalibrationError,
+    ConfigError,
+    ModelError,
+    NoPrunableLayersError,
+    OutputError,
+    ProviderError,
+    SippError,
+)
+from .inspection import inspect_model  # noqa: E402
+from .pipeline import PruneResult, prune_model  # noqa: E402
+from .report import PruneReport  # noqa: E402
+
+__all__ = [
+    "CalibrationError",
+    "ConfigError",
+    "Method",
+    "ModelError",
+    "NoPrunableLayersError",
+    "OutputError",
+    "Provider",
+    "ProviderError",
+    "PruneConfig",
+    "PruneReport",
+    "PruneResult",
+    "Reduction",
+    "SippError",
+    "__version__",
+    "discover",
+    "inspect_model",
+    "prune_model",
+]

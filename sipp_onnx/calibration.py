@@ -1,0 +1,277 @@
+"""Calibration data: loading, validation against the model, and batching.
+
+Accepted forms (the conventions of ModelOpt and Polygraphy):
+- `.npz` keyed by the model's input names; a single-input model also accepts a file holding
+  exactly one array under any key. Arrays that no input uses are reported.
+- `.npy` for a single-input model.
+- a directory of such files (read one file at a time, in name order).
+- from Python: a mapping of input name -> array.
+
+The first axis of every array counts samples. Everything is validated (names, ranks, fixed
+dimensions, dtypes, NaN/inf, sample counts) before the model runs; files are opened with
+`allow_pickle=False`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CalibrationError
+from .modelio import InputSpec
+
+log = logging.getLogger(__name__)
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class _Chunk:
+    """One calibration file (or in-memory mapping): how to load it and how many samples it has."""
+
+    label: str
+    load: Callable[[], Arrays]
+    samples: int
+    cached: Arrays | None = None
+
+    def arrays(self) -> Arrays:
+        return self.cached if self.cached is not None else self.load()
+
+
+@dataclass
+class CalibrationData:
+    """Validated calibration data, streamed in batches."""
+
+    inputs: tuple[str, ...]
+    chunks: list[_Chunk]
+    samples: int
+    """Samples that will be used (after --max-samples)."""
+    available: int
+    """Samples present in the data."""
+    unused_arrays: tuple[str, ...] = ()
+    fixed_batch: int | None = None
+    """Set when the model fixes its batch dimension; batches then have exactly this size."""
+    warnings: list[str] = field(default_factory=list)
+
+    def batches(self, batch_size: int) -> Iterator[Arrays]:
+        """Feed dicts of at most `batch_size` samples (exactly `fixed_batch` when set).
+
+        With a fixed batch, samples left over at the end of one file are joined with the start
+        of the next, so only the last `samples % fixed_batch` samples go unused (and warned).
+        """
+        size = self.fixed_batch or batch_size
+        left = self.samples
+        pending: list[Arrays] = []
+        pending_n = 0
+        for chunk in self.chunks:
+            if left <= 0:
+                break
+            arrays = chunk.arrays()
+            take = min(chunk.samples, left)
+            left -= take
+            if not self.fixed_batch:
+                for start in range(0, take, size):
+                    yield {name: arrays[name][start : min(start + size, take)] for name in self.inputs}
+                continue
+            pending.append({name: arrays[name][:take] for name in self.inputs})
+            pending_n += take
+            if pending_n < size:
+                continue
+            joined = {name: np.concatenate([p[name] for p in pending]) for name in self.inputs}
+            full = pending_n - pending_n % size
+            for start in range(0, full, size):
+                yield {name: joined[name][start : start + size] for name in self.inputs}
+            pending = [{name: joined[name][full:] for name in self.inputs}]
+            pending_n -= full
+
+    def n_batches(self, batch_size: int) -> int:
+        if self.fixed_batch:
+            return self.samples // self.fixed_batch
+        total, left = 0, self.samples
+        for chunk in self.chunks:
+            take = min(chunk.samples, left)
+            total += -(-take // batch_size)
+            left -= take
+        return total
+
+
+def _read_file(path: Path) -> Arrays:
+    """All arrays of a .npz / .npy file, as CalibrationError on any problem."""
+    try:
+        if path.suffix == ".npy":
+            return {"": np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except ValueError as exc:
+        if "Object arrays" in str(exc):
+            raise CalibrationError(
+                f"{path}: holds object (pickled) arrays, which are not loaded for safety; "
+                "save plain numeric arrays"
+            ) from None
+        if "pickled data" in str(exc):
+            raise CalibrationError(
+                f"{path}: cannot read as .npy/.npz: not a NumPy file (loading it would mean unpickling)"
+            ) from None
+        raise CalibrationError(f"{path}: cannot read as .npy/.npz: {exc}") from None
+    except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, ...
+        raise CalibrationError(f"{path}: cannot read as .npy/.npz: {exc or type(exc).__name__}") from None
+
+
+def _map_keys(label: str, keys: list[str], specs: list[InputSpec]) -> tuple[dict[str, str], list[str]]:
+    """input name -> array key, and the unused keys."""
+    required = [s for s in specs if not s.optional]
+    names = [s.name for s in specs]
+    if not keys:
+        raise CalibrationError(f"{label}: holds no arrays")
+    if len(required) == 1 and len(keys) == 1 and keys[0] not in names:
+        return {required[0].name: keys[0]}, []
+    if keys == [""]:  # .npy
+        raise CalibrationError(
+            f"{label}: a .npy file holds one array, but the model has {len(required)} inputs "
+            f"{[s.name for s in required]}; use an .npz keyed by input name"
+        )
+    missing = [s.name for s in required if s.name not in keys]
+    if missing:
+        raise CalibrationError(
+            f"{label}: has arrays {sorted(keys)}, the model expects {names}; missing {missing}"
+        )
+    mapping = {name: name for name in names if name in keys}
+    return mapping, sorted(k for k in keys if k not in mapping)
+
+
+def _check_array(label: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
+    """Validate one array against its input spec; returns it (cast when the kind matches)."""
+    where = f"{label}: input {spec.name!r}"
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
+        raise CalibrationError(f"{where} has dtype {arr.dtype}; expected {spec.dtype}")
+    if spec.shape and arr.ndim != len(spec.shape):
+        raise CalibrationError(
+            f"{where} has shape {list(arr.shape)} (rank {arr.ndim}); the model expects rank "
+            f"{len(spec.shape)} {_dims(spec)} with samples on the first axis"
+        )
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise CalibrationError(f"{where} has no samples (shape {list(arr.shape)})")
+    for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=False)):
+        if axis > 0 and isinstance(want, int) and want > 0 and got != want:
+            raise CalibrationError(
+                f"{where} has shape {list(arr.shape)}; the model expects {_dims(spec)} "
+                f"(axis {axis} must be {want})"
+            )
+    if arr.dtype.kind == "f":
+        _check_finite(where, arr, "NaN/inf values")
+    if arr.dtype != spec.dtype:
+        if spec.dtype.kind != arr.dtype.kind or spec.dtype == np.dtype(object):
+            raise CalibrationError(f"{where} has dtype {arr.dtype}; the model expects {spec.dtype}")
+        with np.errstate(over="ignore"):
+            cast = arr.astype(spec.dtype)
+        if cast.dtype.kind == "f":
+            _check_finite(where, cast, f"values too large for {spec.dtype}")
+        elif not np.array_equal(cast, arr):
+            raise CalibrationError(f"{where} has values that do not fit the model's {spec.dtype}")
+        arr = cast
+    return arr
+
+
+def _check_finite(where: str, arr: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = int(np.argwhere(bad)[0][0])
+        raise CalibrationError(f"{where} has {int(bad.sum())} {what} (first in sample {first})")
+
+
+def _dims(spec: InputSpec) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
+
+
+def _validated_chunk(
+    label: str, arrays: Arrays, specs: list[InputSpec]
+) -> tuple[Arrays, list[str], list[str]]:
+    mapping, unused = _map_keys(label, list(arrays), specs)
+    by_name = {s.name: s for s in specs}
+    out: Arrays = {}
+    casts = []
+    for name, key in mapping.items():
+        arr = np.asarray(arrays[key])
+        checked = _check_array(label, by_name[name], arr)
+        if checked.dtype != arr.dtype:
+            casts.append(f"{label}: input {name!r} cast from {arr.dtype} to {checked.dtype}")
+        out[name] = checked
+    counts = {name: a.shape[0] for name, a in out.items()}
+    if len(set(counts.values())) > 1:
+        raise CalibrationError(f"{label}: inputs have different sample counts {counts}")
+    return out, unused, casts
+
+
+def open_calibration(
+    source: str | Path | Mapping[str, np.ndarray],
+    specs: list[InputSpec],
+    max_samples: int | None = None,
+) -> CalibrationData:
+    """Open and fully validate calibration data for a model with inputs `specs`."""
+    chunks: list[_Chunk] = []
+    unused: set[str] = set()
+    warnings: list[str] = []
+    fed: list[set[str]] = []
+    if isinstance(source, Mapping):
+        arrays, extra, casts = _validated_chunk("calibration data", dict(source), specs)
+        chunks.append(
+            _Chunk("calibration data", lambda: arrays, next(iter(arrays.values())).shape[0], arrays)
+        )
+        unused.update(extra)
+        warnings += casts
+        fed.append(set(arrays))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise CalibrationError(f"calibration data {str(path)!r} does not exist")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+            if not files:
+                raise CalibrationError(f"calibration directory {str(path)!r} holds no .npz or .npy files")
+        elif path.suffix in (".npz", ".npy"):
+            files = [path]
+        else:
+            raise CalibrationError(f"calibration data {str(path)!r} must be a .npz, a .npy or a directory")
+        single = len(files) == 1
+        for file in files:
+            arrays, extra, casts = _validated_chunk(str(file), _read_file(file), specs)
+            samples = next(iter(arrays.values())).shape[0]
+            unused.update(f"{file.name}:{k}" if not single else k for k in extra)
+            warnings += casts
+            fed.append(set(arrays))
+
+            def load(file: Path = file) -> Arrays:
+                return _validated_chunk(str(file), _read_file(file), specs)[0]
+
+            chunks.append(_Chunk(str(file), load, samples, arrays if single else None))
+    available = sum(c.samples for c in chunks)
+    used = min(available, max_samples) if max_samples else available
+    fixed = _fixed_batch(specs)
+    if fixed and used % fixed:
+        warnings.append(
+            f"the model fixes its batch size to {fixed}: the last {used % fixed} sample(s) are not used"
+        )
+    if unused:
+        warnings.append(f"calibration arrays not used by any model input: {sorted(unused)}")
+    for message in warnings:
+        log.warning(message)
+    if fixed and used < fixed:
+        raise CalibrationError(
+            f"the model fixes its batch size to {fixed} but only {used} calibration sample(s) are given"
+        )
+    names = tuple(s.name for s in specs if s.name in fed[0])
+    if any(set(f) != set(names) for f in fed):
+        raise CalibrationError("calibration files do not all provide the same model inputs")
+    return CalibrationData(names, chunks, used, available, tuple(sorted(unused)), fixed, warnings)
+
+
+def _fixed_batch(specs: list[InputSpec]) -> int | None:
+    """The batch size the model fixes on its first axis (None when dynamic)."""
+    for spec in specs:
+        if not spec.optional and spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] > 0:
+            return spec.shape[0]
+    return None

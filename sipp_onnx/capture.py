@@ -1,0 +1,97 @@
+"""The calibration pass: run the model once over the calibration data and stream every layer's
+input into its accumulator.
+
+The layer inputs are added as extra graph outputs of a copy of the serialized model and the
+session runs with graph optimizations disabled. Each batch's captured tensors are handed to the
+accumulators and dropped, so memory holds one batch of activations plus O(weights) statistics,
+whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationData
+from .config import Provider
+from .errors import CalibrationError
+from .runtime import add_outputs, make_session, run_error
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+
+
+class Accumulator(Protocol):
+    """What capture needs of a per-layer statistic (see sensitivity.py)."""
+
+    def update(self, x: np.ndarray) -> None: ...
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    provider: str
+    samples: int
+    batches: int
+    first_feed: dict[str, np.ndarray]
+    first_outputs: dict[str, np.ndarray]
+    """The original model's outputs on the first batch, for verifying the pruned model."""
+    run_seconds: float
+    """Time spent inside ONNX Runtime."""
+    stats_seconds: float
+    """Time spent in the accumulators."""
+
+
+def capture(
+    model: onnx.ModelProto,
+    data: CalibrationData,
+    accumulators: Mapping[str, list[Accumulator]],
+    batch_size: int,
+    provider: Provider,
+    progress: Progress | None = None,
+) -> CaptureResult:
+    """Run `model` over `data`, feeding input tensor `name` of every batch to `accumulators[name]`."""
+    graph_inputs = {i.name for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    wanted = [name for name in accumulators if name not in graph_inputs]
+    added = add_outputs(model, wanted)
+    try:
+        session, used = make_session(model, provider, optimize=False)
+    finally:
+        if added:
+            del model.graph.output[-added:]
+    fetch = list(dict.fromkeys(outputs + wanted))
+    total = data.n_batches(batch_size)
+    first_feed: dict[str, np.ndarray] = {}
+    first_outputs: dict[str, np.ndarray] = {}
+    run_s = stats_s = 0.0
+    samples = 0
+    for index, feed in enumerate(data.batches(batch_size)):
+        t0 = time.perf_counter()
+        try:
+            values = dict(zip(fetch, session.run(fetch, feed), strict=True))
+        except Exception as exc:
+            raise CalibrationError(
+                f"ONNX Runtime failed on calibration batch {index}: {run_error(exc)}"
+            ) from None
+        t1 = time.perf_counter()
+        if index == 0:
+            first_feed = {k: v.copy() for k, v in feed.items()}
+            first_outputs = {k: values[k] for k in outputs}
+        for name, accs in accumulators.items():
+            x = feed[name] if name in graph_inputs else values[name]
+            for acc in accs:
+                acc.update(x)
+        del values
+        stats_s += time.perf_counter() - t1
+        run_s += t1 - t0
+        samples += next(iter(feed.values())).shape[0]
+        if progress is not None:
+            progress("capture", index + 1, total)
+    return CaptureResult(used, samples, total, first_feed, first_outputs, run_s, stats_s)

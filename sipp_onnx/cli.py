@@ -1,0 +1,258 @@
+"""The `sipp-onnx` command line: a thin shell over the library.
+
+Tables and JSON go to stdout, progress and warnings to stderr. Errors caused by the input are
+one line on stderr and exit status 1; an interrupt exits 130 without leaving partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction
+from .errors import OutputError, SippError
+from .inspection import inspect_model
+from .modelio import check_output_path
+from .pipeline import prune_model
+
+
+def _run(action: Callable[[], Any]) -> Any:
+    """Run a command body, turning input errors into one line and a non-zero exit."""
+    try:
+        return action()
+    except SippError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted: nothing was written", err=True)
+        sys.exit(130)
+
+
+class _StderrLog(logging.Handler):
+    """Library warnings to stderr as 'warning: ...' lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "warning" if record.levelno >= logging.WARNING else "info"
+        click.echo(f"{level}: {record.getMessage()}", err=True)
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    logger = logging.getLogger("sipp_onnx")
+    logger.handlers[:] = [_StderrLog()]
+    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+class _Progress:
+    """Progress lines on stderr: a live counter on a terminal, a few lines otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last_line = ""
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        line = f"{stage}: {done}/{total}"
+        if self.tty:
+            click.echo(f"\r{line}", err=True, nl=done >= total)
+        elif done >= total or done == 1 or done % max(1, total // 10) == 0:
+            click.echo(line, err=True)
+
+
+def _split_op_types(_ctx: click.Context, _param: click.Parameter, value: str) -> tuple[str, ...]:
+    ops = tuple(op.strip() for op in value.split(",") if op.strip())
+    unknown = [op for op in ops if op not in PRUNABLE_OP_TYPES]
+    if unknown or not ops:
+        raise click.BadParameter(f"expected a comma-separated subset of {','.join(PRUNABLE_OP_TYPES)}")
+    return ops
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sipp-onnx")
+def main() -> None:
+    """Prune ONNX model weights with SiPP (sensitivity-informed provable pruning)."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("calibration", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Pruned model path [default: MODEL.pruned.onnx beside the input].",
+)
+@click.option(
+    "--sparsity",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Fraction of the prunable weights set to zero, in [0, 1).",
+)
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in Method]),
+    default=Method.SIPP_DET.value,
+    show_default=True,
+    help="Which weights to keep.",
+)
+@click.option(
+    "--reduction",
+    type=click.Choice([r.value for r in Reduction]),
+    default="auto",
+    show_default=True,
+    help="Conv patch reduction of the sensitivities (auto: mean for sipp-det, max otherwise).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
+@click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per ONNX Runtime run.")
+@click.option(
+    "--provider",
+    type=click.Choice([p.value for p in Provider]),
+    default="auto",
+    show_default=True,
+    help="ONNX Runtime execution provider for the calibration pass.",
+)
+@click.option(
+    "--exclude",
+    multiple=True,
+    metavar="REGEX",
+    help="Leave nodes whose name matches REGEX unpruned (repeatable).",
+)
+@click.option(
+    "--op-types",
+    default=",".join(PRUNABLE_OP_TYPES),
+    show_default=True,
+    callback=_split_op_types,
+    help="Op types to prune.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the full report as JSON to this path.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--no-verify", is_flag=True, help="Skip running the pruned model in ONNX Runtime.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no table; errors only.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every stage.")
+def prune(
+    model: Path,
+    calibration: Path,
+    output: Path | None,
+    sparsity: float,
+    method: str,
+    reduction: str,
+    seed: int,
+    max_samples: int | None,
+    batch_size: int,
+    provider: str,
+    exclude: tuple[str, ...],
+    op_types: tuple[str, ...],
+    report_path: Path | None,
+    overwrite: bool,
+    no_verify: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Prune MODEL using CALIBRATION data (.npz keyed by input name, .npy, or a directory)."""
+    _setup_logging(verbose, quiet)
+
+    def body() -> None:
+        config = PruneConfig(
+            sparsity=sparsity,
+            method=Method(method),
+            reduction=Reduction(reduction),
+            seed=seed,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            provider=Provider(provider),
+            exclude=exclude,
+            op_types=op_types,
+            verify=not no_verify,
+        )
+        out = output if output is not None else _default_output(model)
+        if report_path is not None:
+            check_output_path(model, report_path, overwrite, external=False)
+            if report_path.resolve() in (out.resolve(), out.resolve().with_name(out.name + ".data")):
+                raise OutputError(f"--report {str(report_path)!r} is the pruned model's own path")
+        result = prune_model(
+            model, calibration, config, output=out, overwrite=overwrite, progress=_Progress(not quiet)
+        )
+        report = result.report
+        if report_path is not None:
+            report.write_json(report_path)
+        if quiet:
+            return
+        click.echo(report.format_table())
+        click.echo()
+        label = report.method + (
+            f" ({report.reduction} reduction)" if report.method.startswith("sipp") else ""
+        )
+        click.echo(
+            f"{label}: sparsity {report.sparsity_achieved:.2%} "
+            f"(target {report.sparsity_target:.2%}), {report.params_kept:,} of {report.params_total:,} "
+            f"prunable weights kept"
+        )
+        if report.provider:
+            calib = f"{report.samples} calibration samples"
+            if report.recommended_samples:
+                calib += f" (recommended >= {report.recommended_samples})"
+            click.echo(f"provider: {report.provider}; {calib}")
+        for check in report.verification:
+            click.echo(
+                f"output {check.output!r}: relative L2 error {check.rel_l2_error:.4g}, "
+                f"cosine {check.cosine:.6f} vs the original (first calibration batch)"
+            )
+        click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+        if report.skipped:
+            click.echo(f"{len(report.skipped)} candidate(s) not pruned; see `sipp-onnx inspect`")
+        click.echo(f"wrote {result.output}")
+
+    _run(body)
+
+
+def _default_output(model: Path) -> Path:
+    name = model.name[: -len(".onnx")] if model.name.endswith(".onnx") else model.name
+    return model.with_name(f"{name}.pruned.onnx")
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="As for prune.")
+@click.option(
+    "--op-types",
+    default=",".join(PRUNABLE_OP_TYPES),
+    show_default=True,
+    callback=_split_op_types,
+    help="As for prune.",
+)
+def inspect(model: Path, as_json: bool, exclude: tuple[str, ...], op_types: tuple[str, ...]) -> None:
+    """List the prunable layers of MODEL and the candidates that are skipped, with the reason."""
+    _setup_logging(False, False)
+
+    def body() -> None:
+        PruneConfig(exclude=exclude, op_types=op_types)  # validates the options
+        report = inspect_model(model, op_types, exclude)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            click.echo(report.format_table())
+
+    _run(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

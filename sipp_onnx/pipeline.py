@@ -1,0 +1,326 @@
+"""`prune_model`: the only module that knows the order of the stages.
+
+load -> discover -> calibration -> capture (+ sensitivity) -> select -> rewrite -> save/verify
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import __version__
+from .calibration import CalibrationData, open_calibration
+from .capture import Accumulator, CaptureResult, capture
+from .config import Method, Provider, PruneConfig, Reduction
+from .discover import discover
+from .errors import ModelError, NoPrunableLayersError
+from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
+from .modelio import (
+    check_output_path,
+    external_tensor_names,
+    load_model,
+    model_inputs,
+    read_tensor,
+    save_model_atomic,
+    tensor_protos,
+    write_tensor,
+)
+from .report import LayerReport, OutputCheck, PruneReport, SensitivityStats
+from .runtime import make_session, run_error
+from .select import SelectedWeight, WeightScores, select
+from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+DELTA = 1e-16
+
+
+@dataclass
+class PruneResult:
+    """The pruned model (in memory), its report, and where it was written (if anywhere)."""
+
+    model: onnx.ModelProto
+    report: PruneReport
+    output: Path | None = None
+    written: list[Path] = field(default_factory=list)
+
+
+def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics]) -> int:
+    """|S| = ceil(3 ln(8 eta eta_max / delta)) of spec section 3 (eta: output neurons)."""
+    neurons = []
+    for layer in layers:
+        patches = stats[layer.node].patches_per_sample if layer.node in stats else 1
+        neurons.append(layer.n_out * (patches if layer.conv is not None else 1))
+    eta, eta_max = sum(neurons), max(neurons)
+    return math.ceil(3.0 * math.log(8.0 * eta * eta_max / DELTA))
+
+
+def _accumulator(
+    layer: Layer, weight: np.ndarray, reduction: Reduction, sensitivity: bool
+) -> DenseAccumulator | ConvAccumulator:
+    rows = to_rows(weight, layer.layout)
+    if layer.conv is not None:
+        return ConvAccumulator(rows, layer.conv, reduction.value, sensitivity)
+    return DenseAccumulator(rows, layer.transpose_input, sensitivity)
+
+
+def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
+    """Element-wise max of a statistic over a weight's uses, in the primary use's rows."""
+    merged: np.ndarray | None = None
+    for layer in weight.layers:
+        value = np.asarray(getattr(stats[layer.node], attr), dtype=np.float64)
+        stored = from_rows(np.ascontiguousarray(value), layer.layout, weight.shape)
+        merged = stored if merged is None else np.maximum(merged, stored)
+    assert merged is not None
+    return to_rows(merged, weight.primary.layout)
+
+
+def _outputs_match(
+    session: ort.InferenceSession, feed: dict[str, np.ndarray], reference: dict[str, np.ndarray]
+) -> list[OutputCheck]:
+    names = list(reference)
+    try:
+        got = session.run(names, feed)
+    except Exception as exc:
+        raise ModelError(f"the pruned model fails in ONNX Runtime: {run_error(exc)}") from None
+    checks = []
+    for name, new in zip(names, got, strict=True):
+        ref = np.asarray(reference[name], dtype=np.float64).ravel()
+        new = np.asarray(new, dtype=np.float64).ravel()
+        ref_norm, new_norm = np.linalg.norm(ref), np.linalg.norm(new)
+        rel = float(np.linalg.norm(new - ref) / ref_norm) if ref_norm > 0 else float(np.linalg.norm(new))
+        cos = float(ref @ new / (ref_norm * new_norm)) if ref_norm > 0 and new_norm > 0 else float("nan")
+        checks.append(OutputCheck(name, rel, cos))
+    return checks
+
+
+def prune_model(
+    model: str | Path | onnx.ModelProto,
+    calibration: str | Path | Mapping[str, np.ndarray],
+    config: PruneConfig | None = None,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Prune `model` with SiPP (or a baseline) and optionally write it to `output`.
+
+    `model` is a path or a loaded ModelProto (which is not modified); `calibration` is a path
+    (.npz, .npy, directory) or a mapping input name -> array with samples on the first axis.
+    Raises a `SippError` subclass for any problem with the inputs.
+    """
+    config = config or PruneConfig()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
+    if model_path is not None:
+        proto = load_model(model_path)
+        external = external_tensor_names(model_path)
+    else:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        external = frozenset()
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        check_output_path(model_path, out_path, overwrite, bool(external))
+    found = discover(proto, config.op_types, config.exclude)
+    if not found.weights:
+        raise NoPrunableLayersError(_no_layers_message(found))
+    data = open_calibration(calibration, model_inputs(proto), config.max_samples)
+    protos = tensor_protos(proto)
+    base_dir = str(model_path.parent) if model_path is not None else None
+    weights = {w.name: read_tensor(protos[w.name], base_dir).astype(np.float32) for w in found.weights}
+    timings["load"] = time.perf_counter() - t0
+
+    if config.method is not Method.MAGNITUDE and config.sparsity > 0:
+        stats, captured = _calibrate(proto, found, weights, data, config, progress)
+        timings["capture"] = captured.run_seconds
+        timings["sensitivity"] = captured.stats_seconds
+        feed, reference, provider, samples = (
+            captured.first_feed,
+            captured.first_outputs,
+            captured.provider,
+            captured.samples,
+        )
+    else:  # nothing to measure; still run the original once, to verify the result against it
+        stats, samples = {}, 0
+        feed = next(data.batches(config.batch_size))
+        session, provider = make_session(proto, config.provider)
+        reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+
+    t1 = time.perf_counter()
+    scores = [_scores(w, weights[w.name], stats) for w in found.weights]
+    if config.sparsity == 0:
+        selected = [
+            SelectedWeight(s.rows, int(np.count_nonzero(s.rows)), 0.0 if stats else None) for s in scores
+        ]
+    else:
+        selected = select(scores, config.method.value, config.sparsity, config.seed)
+    timings["selection"] = time.perf_counter() - t1
+    if progress is not None:
+        progress("select", 1, 1)
+
+    t2 = time.perf_counter()
+    for w, score, sel in zip(found.weights, scores, selected, strict=True):
+        if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
+            write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
+    checks: list[OutputCheck] = []
+
+    def verify(path: Path | None) -> None:
+        if config.verify:
+            session, _ = make_session(path if path is not None else proto, Provider(provider))
+            checks.extend(_outputs_match(session, feed, reference))
+
+    written: list[Path] = []
+    if out_path is not None:
+        written = save_model_atomic(proto, out_path, external, check=verify)
+    else:
+        verify(None)
+    timings["save"] = time.perf_counter() - t2
+    if progress is not None:
+        progress("save", 1, 1)
+    timings["total"] = time.perf_counter() - t0
+
+    report = _report(
+        model, out_path, config, found, scores, selected, stats, data, samples, provider, timings, checks
+    )
+    for check in checks:
+        log.info(
+            "output %s: relative L2 error %.4g on the first calibration batch",
+            check.output,
+            check.rel_l2_error,
+        )
+    return PruneResult(proto, report, out_path, written)
+
+
+def _calibrate(
+    proto: onnx.ModelProto,
+    found: Discovery,
+    weights: dict[str, np.ndarray],
+    data: CalibrationData,
+    config: PruneConfig,
+    progress: Progress | None,
+) -> tuple[dict[str, LayerStatistics], CaptureResult]:
+    """One streamed pass over the calibration data; statistics per layer node."""
+    accumulators: dict[str, list[Accumulator]] = {}
+    by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
+    for w in found.weights:
+        for layer in w.layers:
+            acc = _accumulator(
+                layer,
+                weights[w.name],
+                config.effective_reduction,
+                sensitivity=config.method is not Method.WANDA,
+            )
+            accumulators.setdefault(layer.input, []).append(acc)
+            by_node[layer.node] = acc
+    captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress)
+    return {node: acc.result() for node, acc in by_node.items()}, captured
+
+
+def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
+    """Selection inputs of one weight: its rows and its statistics merged over its uses."""
+    primary = stats.get(weight.primary.node)
+    return WeightScores(
+        rows=to_rows(values, weight.primary.layout),
+        sensitivity=_merge(weight, stats, "sensitivity")
+        if primary and primary.sensitivity is not None
+        else None,
+        input_sqnorm=_merge(weight, stats, "input_sqnorm") if primary else None,
+        patches=primary.patches_per_sample if primary else 1,
+        kernel_size=weight.primary.kernel_size,
+    )
+
+
+def _no_layers_message(found: Discovery) -> str:
+    if not found.skipped:
+        return "the model has no Gemm, MatMul or Conv node to prune"
+    reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3])
+    more = f" (and {len(found.skipped) - 3} more)" if len(found.skipped) > 3 else ""
+    return f"no prunable layer: {reasons}{more}"
+
+
+def _report(
+    model,
+    out_path,
+    config,
+    found,
+    scores,
+    selected,
+    stats,
+    data: CalibrationData,
+    samples,
+    provider,
+    timings,
+    checks,
+) -> PruneReport:
+    layers = []
+    for w, score, sel in zip(found.weights, scores, selected, strict=True):
+        nonzero = int(np.count_nonzero(score.rows))
+        kept = int(np.count_nonzero(sel.rows))
+        layers.append(
+            LayerReport(
+                weight=w.name,
+                nodes=tuple(layer.node for layer in w.layers),
+                op_type=w.primary.op_type,
+                shape=w.shape,
+                params=w.size,
+                nonzero_before=nonzero,
+                kept=kept,
+                sparsity=1.0 - kept / w.size,
+                sensitivity=SensitivityStats.of(score.sensitivity, score.rows)
+                if score.sensitivity is not None
+                else None,
+                bound=sel.bound,
+                sampled_row_parts=sel.sampled_row_parts,
+            )
+        )
+    total = sum(layer.params for layer in layers)
+    kept = sum(layer.kept for layer in layers)
+    sipp = config.method.value.startswith("sipp")
+    recommended = recommended_samples(list(found.layers), stats) if stats and sipp else None
+    warnings = list(data.warnings)
+    if recommended is not None and samples < recommended:
+        message = (
+            f"{samples} calibration samples used; spec section 3 recommends at least "
+            f"{recommended} for this model"
+        )
+        warnings.append(message)
+        log.warning(message)
+    return PruneReport(
+        model=str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>",
+        output=str(out_path) if out_path is not None else None,
+        method=config.method.value,
+        reduction=config.effective_reduction.value,
+        seed=config.seed,
+        sparsity_target=config.sparsity,
+        sparsity_achieved=1.0 - kept / total,
+        params_total=total,
+        params_kept=kept,
+        samples=samples,
+        samples_available=data.available,
+        recommended_samples=recommended,
+        batch_size=data.fixed_batch or config.batch_size,
+        provider=provider,
+        timings={k: round(v, 4) for k, v in timings.items()},
+        layers=layers,
+        skipped=list(found.skipped),
+        verification=checks,
+        unused_calibration_arrays=data.unused_arrays,
+        warnings=warnings,
+        versions={
+            "sipp-onnx": __version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+        },
+    )

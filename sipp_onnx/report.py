@@ -1,0 +1,147 @@
+"""Results of a pruning run: typed per-layer and per-run reports, JSON and a text table."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .layers import SkippedCandidate
+from .modelio import write_text_atomic
+
+
+@dataclass(frozen=True)
+class SensitivityStats:
+    """Summary of the sensitivities of a weight's non-zero entries."""
+
+    min: float
+    median: float
+    mean: float
+    max: float
+
+    @classmethod
+    def of(cls, sens: np.ndarray, weight: np.ndarray) -> SensitivityStats | None:
+        values = sens[weight != 0]
+        if values.size == 0:
+            return None
+        return cls(float(values.min()), float(np.median(values)), float(values.mean()), float(values.max()))
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """What happened to one pruned weight tensor."""
+
+    weight: str
+    nodes: tuple[str, ...]
+    op_type: str
+    shape: tuple[int, ...]
+    params: int
+    nonzero_before: int
+    kept: int
+    sparsity: float
+    sensitivity: SensitivityStats | None
+    bound: float | None
+    """Largest per-row-part error bound of spec section 5 (see select.SelectedWeight)."""
+    sampled_row_parts: int = 0
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    """Pruned vs original model output on the first calibration batch."""
+
+    output: str
+    rel_l2_error: float
+    cosine: float
+
+
+@dataclass
+class PruneReport:
+    """Everything a user needs to judge and reproduce a pruning run."""
+
+    model: str
+    output: str | None
+    method: str
+    reduction: str
+    seed: int
+    sparsity_target: float
+    sparsity_achieved: float
+    params_total: int
+    params_kept: int
+    samples: int
+    samples_available: int
+    recommended_samples: int | None
+    batch_size: int
+    provider: str | None
+    timings: dict[str, float]
+    layers: list[LayerReport]
+    skipped: list[SkippedCandidate]
+    verification: list[OutputCheck] = field(default_factory=list)
+    unused_calibration_arrays: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    def write_json(self, path: str | Path) -> None:
+        """Write the report atomically (a temporary file renamed into place)."""
+        write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def format_table(self) -> str:
+        """Per-layer table plus totals, for humans."""
+        header = ("layer", "op", "weight shape", "params", "kept", "sparsity", "s mean", "s max", "bound")
+        rows = [header]
+        for layer in self.layers:
+            s = layer.sensitivity
+            rows.append(
+                (
+                    ",".join(layer.nodes),
+                    layer.op_type,
+                    "x".join(str(d) for d in layer.shape),
+                    f"{layer.params:,}",
+                    f"{layer.kept:,}",
+                    f"{layer.sparsity:.1%}",
+                    f"{s.mean:.2e}" if s else "-",
+                    f"{s.max:.2e}" if s else "-",
+                    f"{layer.bound:.3g}" if layer.bound is not None else "-",
+                )
+            )
+        rows.append(
+            (
+                "total",
+                "",
+                "",
+                f"{self.params_total:,}",
+                f"{self.params_kept:,}",
+                f"{self.sparsity_achieved:.1%}",
+                "",
+                "",
+                "",
+            )
+        )
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
+        lines = []
+        for i, row in enumerate(rows):
+            cells = [
+                str(c).ljust(w) if j < 3 else str(c).rjust(w)
+                for j, (c, w) in enumerate(zip(row, widths, strict=True))
+            ]
+            lines.append("  ".join(cells).rstrip())
+            if i == 0 or i == len(rows) - 2:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: tuples to lists, NaN/inf to None."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,356 @@
+"""From scores to kept weights: SiPP-Det/-Rand/-Hybrid (spec section 4) and the baselines.
+
+All methods work on the canonical rows `[N, K]` of every prunable weight at once and return new
+rows. `keep = round((1 - sparsity) * total)` weights stay non-zero over all weights together.
+Deterministic methods keep values unchanged; Rand rescales sampled weights to keep every row
+part's pre-activation unbiased.
+
+Sampling (Rand, and Hybrid's sampled row parts) is Poissonized: a row part with draw rate n
+keeps weight j iff `E_j <= n p_j`, with one Exp(1) variable `E_j` per weight from a generator
+seeded by (seed, weight index). That is exactly sampling Poisson(n) indices i.i.d. from p, the
+spec's with-replacement sampling with a Poisson number of draws; it costs O(row) however large n
+is, every weight's inclusion is independent, and the kept set only grows with n. So the kept
+count moves smoothly and monotonically with the budget (the search below relies on it) and the
+same seed gives the same model. A kept weight's count is `1 + Poisson(n p_j - E_j)` (the
+arrivals after its first one), and its new value `w_j * count_j / (n p_j)` has expectation
+`w_j`. Each weight belongs to exactly one sign part, so the two parts of a row are computed
+element-wise side by side and never overwrite each other.
+
+This module imports numpy only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .allocation import a_coefficient, allocate, draws_for_distinct, eps_bound
+
+
+@dataclass(frozen=True)
+class WeightScores:
+    """Inputs of the selection for one prunable weight, in canonical rows `[N, K]`."""
+
+    rows: np.ndarray
+    sensitivity: np.ndarray | None = None
+    input_sqnorm: np.ndarray | None = None
+    patches: int = 1
+    """L of the layer (1 for Gemm/MatMul)."""
+    kernel_size: int = 1
+    """prod(kernel_shape) for Conv, 1 for Gemm/MatMul."""
+
+
+@dataclass(frozen=True)
+class SelectedWeight:
+    """New canonical rows of one weight and what the selection says about them."""
+
+    rows: np.ndarray
+    kept: int
+    bound: float | None
+    """Largest error bound over the weight's row parts (spec section 5): the sum of pruned
+    sensitivities for deterministic masks, eps_r(m_r) for sampled row parts; None without
+    sensitivities."""
+    sampled_row_parts: int = 0
+
+
+def budget(total: int, sparsity: float) -> int:
+    """Number of weights to keep for a target sparsity."""
+    return int(round((1.0 - sparsity) * total))
+
+
+def _det_bound(sens: np.ndarray | None, rows: np.ndarray, keep: np.ndarray) -> float | None:
+    """max over row parts of the summed sensitivity of pruned weights."""
+    if sens is None:
+        return None
+    pruned = np.where(keep, 0.0, sens.astype(np.float64))
+    pos = np.where(rows > 0, pruned, 0.0).sum(axis=1)
+    neg = np.where(rows < 0, pruned, 0.0).sum(axis=1)
+    return float(max(pos.max(initial=0.0), neg.max(initial=0.0)))
+
+
+def _global_top(scores: Sequence[np.ndarray], weights: Sequence[np.ndarray], keep: int) -> list[np.ndarray]:
+    """Masks keeping the `keep` largest scores over all weights (ties: larger |w| first)."""
+    flat_s = np.concatenate([s.ravel() for s in scores])
+    flat_w = np.abs(np.concatenate([w.ravel() for w in weights]))
+    live = flat_w > 0
+    keep = min(keep, int(live.sum()))
+    mask = np.zeros(flat_s.shape, dtype=bool)
+    if keep > 0:
+        # Zero weights sort last (they stay zero whatever we decide).
+        order = np.lexsort((-flat_w, -np.where(live, flat_s, -np.inf)))
+        mask[order[:keep]] = True
+    out, start = [], 0
+    for w in weights:
+        out.append(mask[start : start + w.size].reshape(w.shape))
+        start += w.size
+    return out
+
+
+def select_global(weights: Sequence[WeightScores], keep: int, by: str) -> list[SelectedWeight]:
+    """SiPP-Det (`by='sensitivity'`) or global magnitude pruning (`by='magnitude'`)."""
+    rows = [w.rows for w in weights]
+    if by == "sensitivity":
+        scores = [_require(w.sensitivity, "sensitivity") for w in weights]
+    else:
+        scores = [np.abs(r) for r in rows]
+    masks = _global_top(scores, rows, keep)
+    return [
+        SelectedWeight(
+            np.where(m, w.rows, 0).astype(w.rows.dtype),
+            int(np.count_nonzero(m & (w.rows != 0))),
+            _det_bound(w.sensitivity, w.rows, m),
+        )
+        for w, m in zip(weights, masks, strict=True)
+    ]
+
+
+def _require(value: np.ndarray | None, what: str) -> np.ndarray:
+    if value is None:
+        raise ValueError(f"this method needs {what} statistics")
+    return value
+
+
+def _row_ranks(score: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Rank of each element within its row by descending score (ties: larger tiebreak)."""
+    order = np.lexsort((-tiebreak, -score), axis=1)
+    ranks = np.empty_like(order)
+    np.put_along_axis(ranks, order, np.arange(score.shape[1])[None, :].repeat(score.shape[0], 0), axis=1)
+    return ranks
+
+
+def select_wanda(weights: Sequence[WeightScores], keep: int) -> list[SelectedWeight]:
+    """Wanda: score |w_ij| * ||X_j||_2, top-k within each output row.
+
+    Per-row counts follow the global keep fraction with the largest-remainder rule, so the total
+    kept is exactly `keep` (as long as rows have enough non-zero weights).
+    """
+    total = sum(w.rows.size for w in weights)
+    fraction = keep / total if total else 0.0
+    lengths = np.concatenate([np.full(w.rows.shape[0], w.rows.shape[1]) for w in weights])
+    ideal = fraction * lengths
+    counts = np.floor(ideal).astype(np.int64)
+    extra = keep - int(counts.sum())
+    if extra > 0:
+        order = np.argsort(-(ideal - counts), kind="stable")
+        counts[order[:extra]] += 1
+    results, start = [], 0
+    for w in weights:
+        n = w.rows.shape[0]
+        k = counts[start : start + n]
+        start += n
+        absw = np.abs(w.rows).astype(np.float64)
+        score = absw * np.sqrt(_require(w.input_sqnorm, "input norm"))
+        score = np.where(absw > 0, score, -1.0)  # zero weights last
+        mask = _row_ranks(score, absw) < k[:, None]
+        mask &= w.rows != 0
+        results.append(
+            SelectedWeight(
+                np.where(mask, w.rows, 0).astype(w.rows.dtype),
+                int(mask.sum()),
+                _det_bound(w.sensitivity, w.rows, mask),
+            )
+        )
+    return results
+
+
+@dataclass
+class _RowParts:
+    """Per-weight row-part quantities for Rand/Hybrid (index 0: positive part, 1: negative)."""
+
+    rows: np.ndarray
+    sens: np.ndarray
+    part_of: list[np.ndarray]  # boolean [N, K] membership masks per sign
+    sums: np.ndarray  # [2, N] S_r
+    nnz: np.ndarray  # [2, N]
+    support: np.ndarray  # [2, N] weights with s > 0
+    a: np.ndarray  # [2, N]
+    exp_draws: np.ndarray  # [N, K] E_j ~ Exp(1)
+    rng_counts: np.random.Generator
+
+
+def _row_parts(w: WeightScores, index: int, seed: int) -> _RowParts:
+    sens = _require(w.sensitivity, "sensitivity").astype(np.float64)
+    parts = [w.rows > 0, w.rows < 0]
+    sums = np.stack([np.where(p, sens, 0).sum(axis=1) for p in parts])
+    nnz = np.stack([p.sum(axis=1) for p in parts]).astype(np.float64)
+    support = np.stack([(p & (sens > 0)).sum(axis=1) for p in parts]).astype(np.float64)
+    a = a_coefficient(sums, w.patches, w.kernel_size)
+    rng = np.random.default_rng([seed, index, 0])
+    exp_draws = rng.standard_exponential(size=w.rows.shape)
+    return _RowParts(
+        w.rows, sens, parts, sums, nnz, support, a, exp_draws, np.random.default_rng([seed, index, 1])
+    )
+
+
+def _sample(rp: _RowParts, m: np.ndarray, sampled: np.ndarray, final: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Poissonized sampling of the row parts flagged in `sampled` ([2, N]) with targets m.
+
+    Returns the kept mask and (when `final`) the new values for all elements of sampled parts.
+    Row parts whose target reaches their support are kept unchanged by the caller.
+    """
+    n_rows, k = rp.rows.shape
+    keep = np.zeros((n_rows, k), dtype=bool)
+    values = np.zeros((n_rows, k), dtype=np.float64)
+    for sign in (0, 1):
+        rows_idx = np.flatnonzero(sampled[sign])
+        if rows_idx.size == 0:
+            continue
+        member = rp.part_of[sign][rows_idx]
+        s = np.where(member, rp.sens[rows_idx], 0.0)
+        p = s / rp.sums[sign, rows_idx][:, None]
+        n = draws_for_distinct(p, m[sign, rows_idx])
+        rate = n[:, None] * p
+        hit = member & (rp.exp_draws[rows_idx] <= rate)
+        keep[rows_idx] |= hit
+        if final:
+            extra = rp.rng_counts.poisson(np.where(hit, rate - rp.exp_draws[rows_idx], 0.0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                scaled = rp.rows[rows_idx] * (1.0 + extra) / rate
+            values[rows_idx] = np.where(hit, scaled, values[rows_idx])
+    return keep, values
+
+
+def _det_topm(rp: _RowParts, m_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic top-m per row part: kept mask and the part's tail sum `sum_{j not in top m} s`."""
+    keep = np.zeros(rp.rows.shape, dtype=bool)
+    tails = np.zeros_like(rp.sums)
+    absw = np.abs(rp.rows).astype(np.float64)
+    for sign in (0, 1):
+        member = rp.part_of[sign]
+        score = np.where(member, rp.sens, -np.inf)
+        ranks = _row_ranks(score, absw)
+        keep |= member & (ranks < m_int[sign][:, None])
+        tails[sign] = rp.sums[sign] - np.where(member & (ranks < m_int[sign][:, None]), rp.sens, 0).sum(
+            axis=1
+        )
+    return keep, tails
+
+
+def select_sampled(
+    weights: Sequence[WeightScores], keep: int, seed: int, hybrid: bool
+) -> list[SelectedWeight]:
+    """SiPP-Rand (`hybrid=False`) or SiPP-Hybrid, reaching `keep` within a small tolerance.
+
+    The allocation budget is searched (bisection) until the realised kept count is within
+    0.1 % of the total of the target; the realised count is monotone in the budget for Rand.
+    """
+    parts = [_row_parts(w, i, seed) for i, w in enumerate(weights)]
+    total = sum(w.rows.size for w in weights)
+    nnz_total = float(sum(rp.nnz.sum() for rp in parts))
+    keep = min(keep, int(nnz_total))
+    layer_weight = np.concatenate([np.full(rp.a.size, 1.0 / rp.rows.shape[0]) for rp in parts])
+    a_all = np.concatenate([rp.a.ravel() for rp in parts])
+    nnz_all = np.concatenate([rp.nnz.ravel() for rp in parts])
+
+    def plan(alloc_budget: float, final: bool) -> tuple[int, list[SelectedWeight]]:
+        m_all = allocate(a_all, layer_weight, nnz_all, alloc_budget)
+        kept_total, results, start = 0, [], 0
+        for rp in parts:
+            m = m_all[start : start + rp.a.size].reshape(rp.a.shape)
+            start += rp.a.size
+            whole = (m >= rp.support - 0.5) & (rp.nnz > 0) & (m > 0)
+            keep_mask = np.zeros(rp.rows.shape, dtype=bool)
+            for sign in (0, 1):
+                keep_mask |= rp.part_of[sign] & whole[sign][:, None]
+            sampled = ~whole & (m > 0)
+            bounds = np.where(whole, 0.0, eps_bound(rp.a, m))
+            det_part = np.zeros_like(sampled)
+            if hybrid:
+                m_int = np.rint(m).astype(np.int64)
+                det_keep, tails = _det_topm(rp, m_int)
+                det_part = sampled & (3.0 * tails <= eps_bound(rp.a, np.maximum(m, 1.0)))
+                for sign in (0, 1):
+                    keep_mask |= det_keep & det_part[sign][:, None] & rp.part_of[sign]
+                bounds = np.where(det_part, tails, bounds)
+                sampled &= ~det_part
+            hit, values = _sample(rp, m, sampled, final)
+            keep_mask |= hit
+            kept_total += int(keep_mask.sum())
+            if final:
+                sampled_el = np.zeros(rp.rows.shape, dtype=bool)
+                for sign in (0, 1):
+                    sampled_el |= rp.part_of[sign] & sampled[sign][:, None]
+                new = np.where(sampled_el, values, np.where(keep_mask, rp.rows, 0.0))
+                results.append(
+                    SelectedWeight(
+                        new.astype(rp.rows.dtype),
+                        int(np.count_nonzero(new)),
+                        float(bounds.max(initial=0.0)),
+                        int(sampled.sum()),
+                    )
+                )
+        return kept_total, results
+
+    tolerance = max(1, int(0.001 * total))
+    lo, hi = 0.0, nnz_total
+    guess = float(keep)
+    best_budget, best_err = guess, None
+    for _ in range(40):
+        kept, _unused = plan(guess, final=False)
+        err = kept - keep
+        if best_err is None or abs(err) < abs(best_err):
+            best_budget, best_err = guess, err
+        if abs(err) <= tolerance:
+            break
+        if err > 0:
+            hi = guess
+        else:
+            lo = guess
+        guess = 0.5 * (lo + hi)
+    results = plan(best_budget, final=True)[1]
+    return _fix_count(results, weights, keep, band=int(0.004 * total))
+
+
+def _fix_count(
+    results: list[SelectedWeight], weights: Sequence[WeightScores], keep: int, band: int
+) -> list[SelectedWeight]:
+    """Bring the kept count within `band` of `keep` when the search could not.
+
+    On small models one row part switching to 'keep whole' moves the count by several weights,
+    so no budget lands exactly. The surplus is dropped from the least sensitive kept weights;
+    a deficit is filled with the most sensitive pruned ones at their original value.
+    """
+    kept = sum(int(np.count_nonzero(r.rows)) for r in results)
+    error = kept - keep
+    if abs(error) <= band:
+        return results
+    error -= band if error > 0 else -band
+    rows = [r.rows.copy() for r in results]
+    sens = np.concatenate([_require(w.sensitivity, "sensitivity").ravel() for w in weights]).astype(
+        np.float64
+    )
+    new = np.concatenate([r.ravel() for r in rows])
+    old = np.concatenate([w.rows.ravel() for w in weights])
+    if error > 0:
+        candidates = np.flatnonzero(new != 0)
+        chosen = candidates[np.argsort(sens[candidates], kind="stable")[:error]]
+        new[chosen] = 0
+    else:
+        candidates = np.flatnonzero((new == 0) & (old != 0))
+        chosen = candidates[np.argsort(-sens[candidates], kind="stable")[:-error]]
+        new[chosen] = old[chosen]
+    out, start = [], 0
+    for r in results:
+        part = new[start : start + r.rows.size].reshape(r.rows.shape).astype(r.rows.dtype)
+        start += r.rows.size
+        out.append(SelectedWeight(part, int(np.count_nonzero(part)), r.bound, r.sampled_row_parts))
+    return out
+
+
+def select(
+    weights: Sequence[WeightScores], method: str, sparsity: float, seed: int = 0
+) -> list[SelectedWeight]:
+    """Prune all `weights` together to `sparsity` with `method` (a `Method` value)."""
+    total = sum(w.rows.size for w in weights)
+    keep = budget(total, sparsity)
+    if method == "sipp-det":
+        return select_global(weights, keep, by="sensitivity")
+    if method == "magnitude":
+        return select_global(weights, keep, by="magnitude")
+    if method == "wanda":
+        return select_wanda(weights, keep)
+    if method in ("sipp-rand", "sipp-hybrid"):
+        return select_sampled(weights, keep, seed, hybrid=method == "sipp-hybrid")
+    raise ValueError(f"unknown method {method!r}")

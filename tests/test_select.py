@@ -1,0 +1,144 @@
+"""Selection methods: exact budgets, Det top-k, Rand unbiasedness, reproducibility, nesting."""
+
+import numpy as np
+import pytest
+
+from sipp_onnx.select import WeightScores, budget, select
+
+
+def make_weights(seed=0, shapes=((12, 30), (8, 12), (5, 8)), zeros=0.0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, (n, k) in enumerate(shapes):
+        w = rng.normal(size=(n, k)).astype(np.float32)
+        if zeros:
+            w[rng.random(w.shape) < zeros] = 0
+        s = (rng.random((n, k)) ** 2 / k * 3).astype(np.float32) * (w != 0)
+        out.append(WeightScores(w, s, rng.random((n, k)) + 0.1, patches=1 + i, kernel_size=1 + 2 * i))
+    return out
+
+
+def zeros_fraction(selected):
+    total = sum(s.rows.size for s in selected)
+    return sum(int(np.count_nonzero(s.rows == 0)) for s in selected) / total
+
+
+METHODS = ["sipp-det", "sipp-rand", "sipp-hybrid", "magnitude", "wanda"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("sparsity", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_every_method_reaches_the_target(method, sparsity):
+    selected = select(make_weights(), method, sparsity, seed=3)
+    assert abs(zeros_fraction(selected) - sparsity) <= 0.005
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_existing_zeros_count_and_stay_zero(method):
+    weights = make_weights(zeros=0.2)
+    selected = select(weights, method, 0.5, seed=1)
+    assert abs(zeros_fraction(selected) - 0.5) <= 0.005
+    for w, s in zip(weights, selected, strict=True):
+        assert np.all(s.rows[w.rows == 0] == 0)
+        # A kept weight never changes sign (the two sign parts never mix).
+        nz = s.rows != 0
+        assert np.all(np.sign(s.rows[nz]) == np.sign(w.rows[nz]))
+
+
+def test_det_keeps_the_global_top_sensitivities_unchanged():
+    weights = make_weights()
+    selected = select(weights, "sipp-det", 0.6)
+    all_s = np.concatenate([w.sensitivity.ravel() for w in weights])
+    keep = budget(all_s.size, 0.6)
+    threshold = np.sort(all_s)[::-1][keep - 1]
+    for w, s in zip(weights, selected, strict=True):
+        kept = s.rows != 0
+        np.testing.assert_array_equal(s.rows[kept], w.rows[kept])
+        assert np.all(w.sensitivity[kept] >= threshold)
+        assert np.all(w.sensitivity[~kept] <= threshold)
+    assert sum(int(np.count_nonzero(s.rows)) for s in selected) == keep
+
+
+def test_det_bound_is_the_largest_pruned_sensitivity_sum():
+    weights = make_weights()
+    for w, s in zip(weights, select(weights, "sipp-det", 0.5), strict=True):
+        pruned = np.where(s.rows == 0, w.sensitivity, 0).astype(np.float64)
+        parts = [np.where(w.rows > 0, pruned, 0).sum(1), np.where(w.rows < 0, pruned, 0).sum(1)]
+        assert s.bound == pytest.approx(max(p.max() for p in parts))
+
+
+def test_magnitude_is_global_top_abs():
+    weights = make_weights()
+    selected = select(weights, "magnitude", 0.5)
+    all_w = np.abs(np.concatenate([w.rows.ravel() for w in weights]))
+    threshold = np.sort(all_w)[::-1][budget(all_w.size, 0.5) - 1]
+    for w, s in zip(weights, selected, strict=True):
+        kept = s.rows != 0
+        assert np.all(np.abs(w.rows[kept]) >= threshold)
+        assert np.all(np.abs(w.rows[~kept]) <= threshold)
+
+
+def test_wanda_is_per_row_top_k_of_its_score():
+    weights = make_weights(shapes=((10, 20), (6, 20)))
+    selected = select(weights, "wanda", 0.5)
+    for w, s in zip(weights, selected, strict=True):
+        score = np.abs(w.rows) * np.sqrt(w.input_sqnorm)
+        for i in range(w.rows.shape[0]):
+            kept = s.rows[i] != 0
+            assert kept.sum() == 10  # exactly half of each 20-long row
+            assert score[i][kept].min() >= score[i][~kept].max()
+
+
+@pytest.mark.parametrize("method", ["sipp-rand", "sipp-hybrid"])
+def test_sampling_is_reproducible_per_seed(method):
+    weights = make_weights()
+    a = select(weights, method, 0.6, seed=7)
+    b = select(weights, method, 0.6, seed=7)
+    c = select(weights, method, 0.6, seed=8)
+    assert all(np.array_equal(x.rows, y.rows) for x, y in zip(a, b, strict=True))
+    if sum(x.sampled_row_parts for x in a):
+        assert not all(np.array_equal(x.rows, y.rows) for x, y in zip(a, c, strict=True))
+
+
+def test_rand_kept_sets_are_nested_across_sparsities():
+    """The kept set only grows with the budget: the smoothness the budget search relies on."""
+    weights = make_weights()
+    previous = None
+    for sparsity in (0.9, 0.8, 0.7, 0.6, 0.5, 0.4):
+        masks = [s.rows != 0 for s in select(weights, "sipp-rand", sparsity, seed=5)]
+        if previous is not None:
+            assert all(np.all(p <= m) for p, m in zip(previous, masks, strict=True))
+        previous = masks
+
+
+def test_rand_is_unbiased_per_weight():
+    """E[new w_j] = w_j for every weight of a sampled row part (mean over seeds)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 12)).astype(np.float32)
+    s = (rng.random((3, 12)) + 0.05).astype(np.float32) / 12
+    weights = [WeightScores(w, s, np.ones_like(w))]
+    draws = np.stack([select(weights, "sipp-rand", 0.6, seed=seed)[0].rows for seed in range(600)])
+    mean = draws.mean(axis=0)
+    stderr = draws.std(axis=0) / np.sqrt(len(draws))
+    sampled = draws.std(axis=0) > 0
+    assert sampled.sum() > 20
+    z = np.abs(mean - w)[sampled] / np.maximum(stderr[sampled], 1e-12)
+    assert np.mean(z < 3.5) > 0.97
+
+
+def test_hybrid_chooses_det_for_concentrated_and_sampling_for_flat_rows():
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(6, 40)).astype(np.float32)
+    concentrated = np.full(w.shape, 1e-6, np.float32)
+    concentrated[:, :3] = 0.3  # a few weights carry each row
+    det = select([WeightScores(w, concentrated, np.ones_like(w))], "sipp-hybrid", 0.5, seed=0)[0]
+    assert det.sampled_row_parts == 0
+    kept = det.rows != 0
+    np.testing.assert_array_equal(det.rows[kept], w[kept])
+    # Flat sensitivities over long rows: the sampling bound eps(m) ~ 90 S/m beats the
+    # deterministic 3 * (tail sum) once m is large.
+    wide = rng.normal(size=(4, 1200)).astype(np.float32)
+    flat = np.full(wide.shape, 1e-3, np.float32)
+    sampled = select([WeightScores(wide, flat, np.ones_like(wide))], "sipp-hybrid", 0.5, seed=0)[0]
+    assert sampled.sampled_row_parts > 0
+    assert np.any((sampled.rows != 0) & (sampled.rows != wide))  # rescaled by the estimator
