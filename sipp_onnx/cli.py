@@ -17,7 +17,8 @@ import click
 
 from . import __version__
 from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction
-from .errors import OutputError, SippError
+from .errors import ConfigError, OutputError, SippError
+from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
 from .modelio import check_output_path
 from .pipeline import prune_model
@@ -252,6 +253,75 @@ def inspect(model: Path, as_json: bool, exclude: tuple[str, ...], op_types: tupl
             click.echo(report.format_table())
 
     _run(body)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option(
+    "--compare",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A pruned model to compare with MODEL on the same data.",
+)
+@click.option("--labels", "labels_key", default="labels", show_default=True, help="Key of the labels array.")
+@click.option("--output", "output_name", default=None, help="Model output to score [default: the first].")
+@click.option(
+    "--max-drop",
+    type=float,
+    default=None,
+    help="Exit with status 3 when the accuracy drop exceeds this many points.",
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--provider", type=click.Choice([p.value for p in Provider]), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def eval_command(
+    model: Path,
+    data: Path,
+    compare: Path | None,
+    labels_key: str,
+    output_name: str | None,
+    max_drop: float | None,
+    batch_size: int,
+    provider: str,
+    as_json: bool,
+) -> None:
+    """Accuracy of MODEL on DATA (.npz with the inputs and a labels array), and with --compare the
+    fidelity of a pruned model to MODEL and the accuracy it lost."""
+    _setup_logging(False, False)
+
+    def body() -> int:
+        if max_drop is not None and compare is None:
+            raise ConfigError("--max-drop needs --compare PRUNED")
+        report = evaluate(model, data, compare, labels_key, output_name, batch_size, Provider(provider))
+        if max_drop is not None and report.compare is not None and report.compare.accuracy_drop is None:
+            raise ConfigError(f"--max-drop needs labels, and DATA has no {labels_key!r} array")
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            click.echo(_format_eval(report))
+        drop = report.compare.accuracy_drop if report.compare is not None else None
+        if max_drop is not None and drop is not None and drop > max_drop:
+            click.echo(f"fail: accuracy drop {drop:.2f} points exceeds --max-drop {max_drop}", err=True)
+            return 3
+        return 0
+
+    code = _run(body)
+    sys.exit(code)
+
+
+def _format_eval(report: EvalReport) -> str:
+    lines = [f"samples: {report.model.samples} (output {report.output!r})"]
+    if report.model.accuracy is not None:
+        lines.append(f"accuracy: {report.model.accuracy:.2%}")
+    c = report.compare
+    if c is not None:
+        if c.accuracy is not None and c.accuracy_drop is not None:
+            lines.append(f"compared accuracy: {c.accuracy:.2%} (drop {c.accuracy_drop:+.2f} points)")
+        if c.top1_agreement is not None:
+            lines.append(f"top-1 agreement: {c.top1_agreement:.2%}")
+        lines.append(f"relative L2 error: {c.rel_l2_error:.4g}; mean cosine similarity: {c.cosine:.6f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":  # pragma: no cover
