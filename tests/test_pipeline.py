@@ -252,3 +252,22 @@ def test_magnitude_needs_no_capture():
     )
     assert "capture" not in result.report.timings
     assert result.report.layers[0].sensitivity is None
+
+
+def test_gemm_trans_a_and_alpha_use_the_right_points():
+    """Gemm(transA=1, transB=0, alpha=2) after a Transpose: the points are the columns of A."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(7, 4)).astype(np.float32)  # transB=0: [K, N]
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], name="t", perm=[1, 0]),
+        helper.make_node("Gemm", ["xt", "W"], ["y"], name="g", transA=1, alpha=2.0),
+    ]
+    model = finish(nodes, [value("x", ["b", 7])], [value("y", ["b", 4])], [tensor("W", w)])
+    x = gaussian_calibration((7,), n=9, nonneg=True)
+    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.5))
+    s = naive_dense_sensitivity(w.T.astype(np.float64), x.astype(np.float64))
+    new = numpy_helper.to_array(init_map(result.model)["W"]).T
+    ranked = np.sort(s, axis=None)[::-1]
+    keep = budget(w.size, 0.5)
+    assert ranked[keep - 1] - ranked[keep] > 1e-5
+    np.testing.assert_array_equal(new != 0, s >= ranked[keep - 1])
