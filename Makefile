@@ -15,6 +15,7 @@ $(BIN)/.installed: pyproject.toml
 # The main job: prune a shipped reference model at 50 % sparsity and evaluate what it cost.
 demo: $(BIN)/.installed
 	$(BIN)/sipp-onnx prune models/cnn.onnx models/cnn_calib.npz -o models/cnn.pruned.onnx --overwrite --report models/cnn.pruned.json
+	$(BIN)/sipp-onnx eval models/cnn.onnx models/cnn_test.npz --compare models/cnn.pruned.onnx
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -103,7 +103,7 @@ def main() -> None:
 @click.option(
     "--method",
     type=click.Choice([m.value for m in Method]),
-    default=Method.SIPP_DET.value,
+    default=PruneConfig.method.value,
     show_default=True,
     help="Which weights to keep.",
 )
@@ -112,7 +112,9 @@ def main() -> None:
     type=click.Choice([r.value for r in Reduction]),
     default="auto",
     show_default=True,
-    help="Conv patch reduction of the sensitivities (auto: mean for sipp-det, max otherwise).",
+    help="How relative contributions are reduced over calibration points: max (the paper's worst "
+    "case), mean (per-sample average, worst sample), expected (average); auto: mean for Conv, "
+    "expected for Gemm/MatMul.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
 @click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")

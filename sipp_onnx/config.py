@@ -20,14 +20,18 @@ class Method(StrEnum):
 
 
 class Reduction(StrEnum):
-    """How the per-patch sensitivities of one conv sample are reduced (spec section 2).
+    """How a weight's relative contributions are reduced over the calibration points.
 
-    AUTO follows the reference implementation: mean for SiPP-Det, max for Rand/Hybrid.
+    MAX is the paper's sensitivity (the worst case over every point); MEAN averages the points
+    of each sample (conv patches, sequence tokens) and takes the worst case over samples;
+    EXPECTED averages over every point. AUTO picks per layer kind what the reference-model
+    measurements favour (docs/algorithm.md): MEAN for Conv, EXPECTED for Gemm/MatMul.
     """
 
     AUTO = "auto"
     MEAN = "mean"
     MAX = "max"
+    EXPECTED = "expected"
 
 
 class Provider(StrEnum):
@@ -51,7 +55,7 @@ class PruneConfig:
     """
 
     sparsity: float = 0.5
-    method: Method = Method.SIPP_DET
+    method: Method = Method.SIPP_HYBRID
     reduction: Reduction = Reduction.AUTO
     seed: int = 0
     max_samples: int | None = None
@@ -93,9 +97,8 @@ class PruneConfig:
             )
         object.__setattr__(self, "op_types", ops)
 
-    @property
-    def effective_reduction(self) -> Reduction:
-        """The conv patch reduction actually used: AUTO resolved per method."""
+    def reduction_for(self, op_type: str) -> Reduction:
+        """The reduction used for layers of `op_type`: AUTO resolved per layer kind."""
         if self.reduction is not Reduction.AUTO:
             return self.reduction
-        return Reduction.MEAN if self.method is Method.SIPP_DET else Reduction.MAX
+        return Reduction.MEAN if op_type == "Conv" else Reduction.EXPECTED

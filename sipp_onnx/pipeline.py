@@ -70,7 +70,7 @@ def _accumulator(
     rows = to_rows(weight, layer.layout)
     if layer.conv is not None:
         return ConvAccumulator(rows, layer.conv, reduction.value, sensitivity)
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity)
+    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction.value)
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -218,7 +218,7 @@ def _calibrate(
             acc = _accumulator(
                 layer,
                 weights[w.name],
-                config.effective_reduction,
+                config.reduction_for(layer.op_type),
                 sensitivity=config.method is not Method.WANDA,
             )
             accumulators.setdefault(layer.input, []).append(acc)
@@ -282,6 +282,9 @@ def _report(
                 else None,
                 bound=sel.bound,
                 sampled_row_parts=sel.sampled_row_parts,
+                reduction=config.reduction_for(w.primary.op_type).value
+                if score.sensitivity is not None
+                else None,
             )
         )
     total = sum(layer.params for layer in layers)
@@ -300,7 +303,7 @@ def _report(
         model=str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>",
         output=str(out_path) if out_path is not None else None,
         method=config.method.value,
-        reduction=config.effective_reduction.value,
+        reduction=config.reduction.value,
         seed=config.seed,
         sparsity_target=config.sparsity,
         sparsity_achieved=1.0 - kept / total,

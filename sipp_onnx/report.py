@@ -47,6 +47,8 @@ class LayerReport:
     bound: float | None
     """Largest per-row-part error bound of spec section 5 (see select.SelectedWeight)."""
     sampled_row_parts: int = 0
+    reduction: str | None = None
+    """How the sensitivities were reduced over points (None without sensitivities)."""
 
 
 @dataclass(frozen=True)

@@ -70,32 +70,71 @@ def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
         np.maximum(out, prod.max(axis=1), out=out)
 
 
-def _sign_parts(points: np.ndarray) -> list[np.ndarray]:
-    """The non-negative parts of the input: `[a]` if `a >= 0`, else `[max(a,0), max(-a,0)]`."""
-    if not (points < 0).any():
-        return [points]
-    return [np.maximum(points, 0), np.maximum(-points, 0)]
+REDUCTIONS = ("max", "mean", "expected")
 
 
 class _Accumulator:
-    """Shared state: the weight split by sign and the running maxima per sign part."""
+    """Running statistics of one layer over points grouped by sample.
 
-    def __init__(self, rows: np.ndarray, groups: int, compute_sensitivity: bool = True) -> None:
+    Every update is a tensor `[B, G, d, L]`: B samples, G groups, d entries per point, L points
+    per sample (conv output positions, sequence tokens, or 1 for a plain Gemm row). How g is
+    reduced over the points (the spec's patch reductions, plus one that is not in it):
+
+    - 'max':      the max over every point of every sample (the paper's sensitivity);
+    - 'mean':     the mean over the L points of each sample, then the max over samples
+                  (the reference implementation's SiPP-Det choice for conv layers);
+    - 'expected': the mean over every point of the point's total share, i.e. the sum of g over
+                  the point's sign-split parts (the empirical expected share; no worst case, so
+                  the bounds in the report are no longer guarantees).
+
+    The negative-input split is decided per sample: a sample contributes a `max(-a, 0)` part only
+    if it has a negative entry. For 'expected' a point whose input has both signs counts its two
+    parts' shares together: both are part of the same pre-activation `W a+ - W a-`, and layers
+    fed by signed inputs (LayerNorm outputs, standardised pixels) are not halved against layers
+    fed by ReLUs.
+    """
+
+    def __init__(self, rows: np.ndarray, groups: int, reduction: str, compute_sensitivity: bool) -> None:
         rows = np.asarray(rows, dtype=np.float32)
-        self.compute_sensitivity = compute_sensitivity
         n_out, k = rows.shape
         if n_out % groups:
             raise ValueError(f"{n_out} rows do not split into {groups} groups")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.rows = rows
         self.groups = groups
+        self.reduction = reduction
+        self.compute_sensitivity = compute_sensitivity
         grouped = rows.reshape(groups, n_out // groups, k)
         self._pos = np.maximum(grouped, 0)
         self._neg = np.minimum(grouped, 0)
-        self._best_pos = np.zeros_like(grouped)
-        self._best_neg = np.zeros_like(grouped)
+        dtype = np.float64 if reduction == "expected" else np.float32
+        self._best_pos = np.zeros(grouped.shape, dtype=dtype)
+        self._best_neg = np.zeros(grouped.shape, dtype=dtype)
         self._sqnorm = np.zeros((groups, k), dtype=np.float64)
         self.points = 0
         self.patches_per_sample = 1
+
+    def _accumulate(self, patches: np.ndarray) -> None:
+        batch, groups, d, n_points = patches.shape
+        if d != self.rows.shape[1]:
+            raise ValueError(f"layer input points have {d} entries, the weight rows {self.rows.shape[1]}")
+        self.points += batch * n_points
+        self.patches_per_sample = n_points
+        self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
+        if not self.compute_sensitivity:
+            return
+        for part in _sample_parts(patches):
+            for w_sign, best in ((self._pos, self._best_pos), (self._neg, self._best_neg)):
+                recip = reciprocal(np.matmul(w_sign[None], part))  # [B', G, Ng, L]
+                if self.reduction == "max" or (self.reduction == "mean" and n_points == 1):
+                    r = recip.transpose(1, 0, 3, 2).reshape(groups, -1, recip.shape[2])
+                    a = part.transpose(1, 0, 3, 2).reshape(groups, -1, d)
+                    max_times(r, a, best)
+                elif self.reduction == "mean":
+                    _max_of_sample_means(recip, part, best)
+                else:
+                    best += np.matmul(recip, part.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
 
     def result(self) -> LayerStatistics:
         w = self.rows
@@ -104,8 +143,9 @@ class _Accumulator:
         best_neg = self._best_neg.reshape(n_out, k)
         sens = None
         if self.compute_sensitivity:
-            sens = np.where(w > 0, w * best_pos, np.where(w < 0, -w * best_neg, 0)).astype(np.float32)
-            np.minimum(sens, 1.0, out=sens)  # g <= 1 exactly; float32 rounding can exceed it by an ulp
+            scale = 1.0 / max(self.points, 1) if self.reduction == "expected" else 1.0
+            sens = np.where(w > 0, w * best_pos, np.where(w < 0, -w * best_neg, 0)) * scale
+            sens = np.minimum(sens, 1.0).astype(np.float32)  # g <= 1; float32 rounding can pass it
         if self.groups == 1:
             sqnorm = np.broadcast_to(self._sqnorm[0], (n_out, k))
         else:
@@ -113,13 +153,44 @@ class _Accumulator:
         return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample)
 
 
+def _sample_parts(patches: np.ndarray) -> list[np.ndarray]:
+    """Non-negative parts of the samples that have content: `max(a, 0)` of the samples with a
+    positive entry and `max(-a, 0)` of those with a negative entry (empty parts dropped)."""
+    flat = patches.reshape(patches.shape[0], -1)
+    parts = []
+    has_pos = (flat > 0).any(axis=1)
+    if has_pos.any():
+        parts.append(np.maximum(patches[has_pos], 0) if (flat < 0).any() else patches[has_pos])
+    has_neg = (flat < 0).any(axis=1)
+    if has_neg.any():
+        parts.append(np.maximum(-patches[has_neg], 0))
+    return parts
+
+
+def _max_of_sample_means(recip: np.ndarray, part: np.ndarray, out: np.ndarray) -> None:
+    """`out = max(out, max_b mean_l recip[b,g,i,l] * part[b,g,j,l])`, chunked over samples."""
+    batch, groups, rows, n_points = recip.shape
+    per_sample = groups * rows * part.shape[2]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        mean = np.matmul(recip[start:stop], part[start:stop].transpose(0, 1, 3, 2)) / n_points
+        np.maximum(out, mean.max(axis=0), out=out)
+
+
 class DenseAccumulator(_Accumulator):
-    """Gemm / MatMul: every row (every token of a 3-D input) is one point; always the max."""
+    """Gemm / MatMul. The first axis of the input counts samples; each vector along the last
+    axis is a point (the rows of a Gemm input, every token of a sequence). Gemm with transA
+    takes an input `[K, M]` whose columns are the samples."""
 
     def __init__(
-        self, rows: np.ndarray, transpose_input: bool = False, compute_sensitivity: bool = True
+        self,
+        rows: np.ndarray,
+        transpose_input: bool = False,
+        compute_sensitivity: bool = True,
+        reduction: str = "max",
     ) -> None:
-        super().__init__(rows, groups=1, compute_sensitivity=compute_sensitivity)
+        super().__init__(rows, 1, reduction, compute_sensitivity)
         self.transpose_input = transpose_input
 
     def update(self, x: np.ndarray) -> None:
@@ -129,53 +200,20 @@ class DenseAccumulator(_Accumulator):
         k = self.rows.shape[1]
         if x.shape[-1] != k:
             raise ValueError(f"layer input has {x.shape[-1]} features, the weight expects {k}")
-        points = x.reshape(-1, k)
-        self.points += points.shape[0]
-        self._sqnorm[0] += np.einsum("pk,pk->k", points, points, dtype=np.float64)
-        if not self.compute_sensitivity:
-            return
-        for part in _sign_parts(points):
-            part = part[part.any(axis=1)]  # all-zero points contribute nothing
-            if part.shape[0] == 0:
-                continue
-            for w_sign, best in ((self._pos, self._best_pos), (self._neg, self._best_neg)):
-                recip = reciprocal(part @ w_sign[0].T)  # [n, N]
-                max_times(recip[None], part[None], best)
+        if x.ndim == 1:
+            x = x[None]
+        samples = x.reshape(x.shape[0], -1, k)  # [B, T, K]
+        self._accumulate(samples.transpose(0, 2, 1)[:, None])  # [B, 1, K, T]
 
 
 class ConvAccumulator(_Accumulator):
-    """Conv: the points are the (sample, output position) patches of each group.
-
-    `reduction='mean'` averages g over the L patches of a sample before the max over samples;
-    `reduction='max'` takes the max over all patches of all samples.
-    """
+    """Conv: the points are the (sample, output position) patches of each group."""
 
     def __init__(
         self, rows: np.ndarray, geom: ConvGeometry, reduction: str = "mean", compute_sensitivity: bool = True
     ) -> None:
-        super().__init__(rows, groups=geom.group, compute_sensitivity=compute_sensitivity)
-        if reduction not in ("mean", "max"):
-            raise ValueError(f"reduction must be 'mean' or 'max', got {reduction!r}")
+        super().__init__(rows, geom.group, reduction, compute_sensitivity)
         self.geom = geom
-        self.reduction = reduction
 
     def update(self, x: np.ndarray) -> None:
-        patches = conv_patches(np.asarray(x, dtype=np.float32), self.geom)  # [B, G, d, L]
-        batch, groups, d, n_patch = patches.shape
-        if d != self.rows.shape[1]:
-            raise ValueError(f"conv patches have {d} entries, the weight rows {self.rows.shape[1]}")
-        self.points += batch * n_patch
-        self.patches_per_sample = n_patch
-        self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
-        if not self.compute_sensitivity:
-            return
-        for part in _sign_parts(patches):
-            for w_sign, best in ((self._pos, self._best_pos), (self._neg, self._best_neg)):
-                recip = reciprocal(np.matmul(w_sign[None], part))  # [B, G, Ng, L]
-                if self.reduction == "mean":
-                    mean = np.matmul(recip, part.transpose(0, 1, 3, 2)) / n_patch  # [B, G, Ng, d]
-                    np.maximum(best, mean.max(axis=0), out=best)
-                else:
-                    r = recip.transpose(1, 0, 3, 2).reshape(groups, batch * n_patch, -1)
-                    a = part.transpose(1, 0, 3, 2).reshape(groups, batch * n_patch, d)
-                    max_times(r, a, best)
+        self._accumulate(conv_patches(np.asarray(x, dtype=np.float32), self.geom))

@@ -176,23 +176,50 @@ def split_sample(sample):
     return [sample]
 
 
-def naive_dense_sensitivity(rows, samples):
+def content_parts(sample):
+    """The parts of one sample that exist: max(a, 0) if it has a positive entry, max(-a, 0) if it
+    has a negative entry (the points counted by the 'expected' reduction)."""
+    sample = np.asarray(sample, dtype=np.float64)
+    parts = []
+    if (sample > 0).any():
+        parts.append(np.maximum(sample, 0.0))
+    if (sample < 0).any():
+        parts.append(np.maximum(-sample, 0.0))
+    return parts
+
+
+def naive_dense_sensitivity(rows, samples, reduction="max"):
     """s `[N, K]` of a Gemm/MatMul layer.
 
     `samples` is an iterable of per-sample layer inputs, each `[..., K]` (one Gemm row `[K]`, or
-    one MatMul sample `[T, K]`); every vector along the last axis is one point (max reduction).
+    one MatMul sample `[T, K]`); every vector along the last axis is one point. 'max': max over
+    all points; 'mean': mean over the points of each sample part, then max; 'expected': the sum of
+    g over a point's sign parts, averaged over every point (sample position).
     """
     rows = np.asarray(rows, dtype=np.float64)
     n, k = rows.shape
     s = [[0.0] * k for _ in range(n)]
+    total = [[0.0] * k for _ in range(n)]
+    counted = 0
     for sample in samples:
-        for part in split_sample(sample):
-            for point in part.reshape(-1, k):
-                for i in range(n):
+        parts = split_sample(sample) if reduction != "expected" else content_parts(sample)
+        counted += np.asarray(sample).reshape(-1, k).shape[0]
+        for part in parts:
+            points = part.reshape(-1, k)
+            for i in range(n):
+                acc = [0.0] * k
+                for point in points:
                     g = naive_g(rows[i], point)
                     for j in range(k):
-                        if g[j] > s[i][j]:
+                        acc[j] += g[j]
+                        if reduction == "max" and g[j] > s[i][j]:
                             s[i][j] = g[j]
+                for j in range(k):
+                    total[i][j] += acc[j]
+                    if reduction == "mean" and acc[j] / len(points) > s[i][j]:
+                        s[i][j] = acc[j] / len(points)
+    if reduction == "expected":
+        return np.array(total, dtype=np.float64) / max(counted, 1)
     return np.array(s, dtype=np.float64).reshape(n, k)
 
 
@@ -212,12 +239,26 @@ def naive_conv_sensitivity(rows, x, kernel_shape, strides, dilations, pads, auto
 
     Every sample is split by sign if it has a negative entry; each resulting sample yields L
     patches. 'mean': mean of g over the L patches of that sample, then max over samples.
-    'max': max over all patches of all samples.
+    'max': max over all patches of all samples. 'expected': the sum of g over a patch's sign parts
+    (see content_parts), averaged over every patch of every sample.
     """
     rows = np.asarray(rows, dtype=np.float64)
     c_out, d = rows.shape
     per_group = c_out // group
     s = [[0.0] * d for _ in range(c_out)]
+    if reduction == "expected":
+        total = np.zeros((c_out, d))
+        counted = 0
+        for b in range(x.shape[0]):
+            counted += naive_patches(
+                x[b][None], kernel_shape, strides, dilations, pads, auto_pad, group
+            ).shape[3]
+            for part in content_parts(x[b]):
+                p = naive_patches(part[None], kernel_shape, strides, dilations, pads, auto_pad, group)
+                for i in range(c_out):
+                    for l_idx in range(p.shape[3]):
+                        total[i] += naive_g(rows[i], p[0, i // per_group, :, l_idx])
+        return total / max(counted, 1)
     for b in range(x.shape[0]):
         for part in split_sample(x[b]):
             p = naive_patches(part[None], kernel_shape, strides, dilations, pads, auto_pad, group)

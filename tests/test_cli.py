@@ -202,7 +202,19 @@ def test_no_verify(mlp_files, tmp_path: Path, cli) -> None:
 def test_exclude_leaves_weight_byte_identical(mlp_files, tmp_path: Path, cli) -> None:
     model, calib = mlp_files
     out = tmp_path / "out.onnx"
-    result = cli("prune", model, calib, "-o", out, "--exclude", "fc1", "--report", tmp_path / "r.json")
+    result = cli(
+        "prune",
+        model,
+        calib,
+        "-o",
+        out,
+        "--exclude",
+        "fc1",
+        "--method",
+        "magnitude",
+        "--report",
+        tmp_path / "r.json",
+    )
     ok(result)
     before, after = raw_initializers(model), raw_initializers(out)
     assert after["W1"] == before["W1"]
@@ -228,7 +240,19 @@ def test_op_types_conv_prunes_only_convs(tmp_path: Path, cli) -> None:
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=builders.gaussian_calibration((3, 8, 8), n=32))
     out = tmp_path / "out.onnx"
-    result = cli("prune", model, calib, "-o", out, "--op-types", "Conv", "--report", tmp_path / "r.json")
+    result = cli(
+        "prune",
+        model,
+        calib,
+        "-o",
+        out,
+        "--op-types",
+        "Conv",
+        "--method",
+        "magnitude",
+        "--report",
+        tmp_path / "r.json",
+    )
     ok(result)
     report = json.loads((tmp_path / "r.json").read_text())
     assert sorted(layer["nodes"][0] for layer in report["layers"]) == ["conv1", "dwconv", "gconv"]

@@ -502,3 +502,51 @@ def test_dense_rejects_wrong_feature_count():
     acc = DenseAccumulator(weights((3, 4), seed=41))
     with pytest.raises(ValueError):
         acc.update(np.ones((2, 5), np.float32))
+
+
+# --- reductions beyond the spec's max: per-sample mean of tokens, and the expectation ---------
+
+
+@pytest.mark.parametrize("reduction", ["mean", "expected", "max"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_dense_sequence_reductions_match_naive(reduction, signed):
+    rng = np.random.default_rng(11)
+    rows = rng.normal(size=(5, 6)).astype(np.float32)
+    x = rng.normal(size=(4, 3, 6)).astype(np.float32)
+    if not signed:
+        x = np.abs(x)
+    x[1, 0] = 0.0  # a zero token inside a sample
+    acc = DenseAccumulator(rows, reduction=reduction)
+    acc.update(x[:2])
+    acc.update(x[2:])
+    expected = naive_dense_sensitivity(rows, list(x), reduction=reduction)
+    np.testing.assert_allclose(acc.result().sensitivity, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_expected_reduction_rows_sum_to_the_valid_fraction():
+    """sum_j E[g_ij] over a sign part is the fraction of points where that part's z is valid
+    (non-negative inputs: one part per point)."""
+    rng = np.random.default_rng(2)
+    rows = np.abs(rng.normal(size=(3, 5))).astype(np.float32)  # one sign part per row
+    x = np.abs(rng.normal(size=(20, 5))).astype(np.float32)
+    x[:5] = 0.0  # five empty samples: points where no z is valid
+    acc = DenseAccumulator(rows, reduction="expected")
+    acc.update(x)
+    np.testing.assert_allclose(acc.result().sensitivity.sum(axis=1), 15 / 20, rtol=1e-5)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_conv_expected_reduction_matches_naive(signed):
+    rng = np.random.default_rng(4)
+    geom = ConvGeometry((3, 3), (2, 1), (1, 1), (1, 0, 0, 1), "NOTSET", 2)
+    w = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(3, 4, 5, 5)).astype(np.float32)
+    if not signed:
+        x = np.abs(x)
+    acc = ConvAccumulator(w.reshape(4, -1), geom, reduction="expected")
+    acc.update(x[:1])
+    acc.update(x[1:])
+    expected = naive_conv_sensitivity(
+        w.reshape(4, -1), x, (3, 3), (2, 1), (1, 1), (1, 0, 0, 1), "NOTSET", 2, "expected"
+    )
+    np.testing.assert_allclose(acc.result().sensitivity, expected, rtol=1e-4, atol=1e-6)
