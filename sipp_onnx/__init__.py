@@ -7,7 +7,7 @@ print(result.report.format_table())
 
 __version__ = "0.1.0"
 
-from .config import Method, Provider, PruneConfig, Reduction  # noqa: E402
+from .config import Method, Provider, PruneConfig, Reduction, Terms  # noqa: E402
 from .discover import discover  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationError,
@@ -36,6 +36,7 @@ __all__ = [
     "PruneResult",
     "Reduction",
     "SippError",
+    "Terms",
     "__version__",
     "discover",
     "inspect_model",

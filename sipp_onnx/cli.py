@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction
+from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Terms
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
@@ -110,11 +110,18 @@ def main() -> None:
 @click.option(
     "--reduction",
     type=click.Choice([r.value for r in Reduction]),
-    default="auto",
+    default=PruneConfig.reduction.value,
     show_default=True,
     help="How relative contributions are reduced over calibration points: max (the paper's worst "
-    "case), mean (per-sample average, worst sample), expected (average); auto: mean for Conv, "
-    "expected for Gemm/MatMul.",
+    "case), mean (per-sample average, worst sample), expected (average).",
+)
+@click.option(
+    "--terms",
+    type=click.Choice([t.value for t in Terms]),
+    default=PruneConfig.terms.value,
+    show_default=True,
+    help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
+    "(the spec: within each sign part, inputs split by sign).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
 @click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
@@ -157,6 +164,7 @@ def prune(
     sparsity: float,
     method: str,
     reduction: str,
+    terms: str,
     seed: int,
     max_samples: int | None,
     batch_size: int,
@@ -177,6 +185,7 @@ def prune(
             sparsity=sparsity,
             method=Method(method),
             reduction=Reduction(reduction),
+            terms=Terms(terms),
             seed=seed,
             max_samples=max_samples,
             batch_size=batch_size,
@@ -201,7 +210,7 @@ def prune(
         click.echo(report.format_table())
         click.echo()
         label = report.method + (
-            f" ({report.reduction} reduction)" if report.method.startswith("sipp") else ""
+            f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else ""
         )
         click.echo(
             f"{label}: sparsity {report.sparsity_achieved:.2%} "

@@ -23,15 +23,26 @@ class Reduction(StrEnum):
     """How a weight's relative contributions are reduced over the calibration points.
 
     MAX is the paper's sensitivity (the worst case over every point); MEAN averages the points
-    of each sample (conv patches, sequence tokens) and takes the worst case over samples;
-    EXPECTED averages over every point. AUTO picks per layer kind what the reference-model
-    measurements favour (docs/algorithm.md): MEAN for Conv, EXPECTED for Gemm/MatMul.
+    of each sample (conv patches, sequence tokens) and takes the worst case over samples (the
+    reference implementation's SiPP-Det choice for conv); EXPECTED averages over every point.
+    MAX is the default: it won on every reference model (docs/algorithm.md).
     """
 
-    AUTO = "auto"
-    MEAN = "mean"
     MAX = "max"
+    MEAN = "mean"
     EXPECTED = "expected"
+
+
+class Terms(StrEnum):
+    """What a weight's share of a point is (see sensitivity._Accumulator).
+
+    SIGNED is the spec: shares within each sign part, inputs split by sign. ABSOLUTE is the share
+    of `|w_ij a_j|` in the row's absolute mass `sum_k |w_ik a_k|`: the same form of guarantee,
+    measured directly, and much better rankings on zero-mean inputs.
+    """
+
+    SIGNED = "signed"
+    ABSOLUTE = "absolute"
 
 
 class Provider(StrEnum):
@@ -56,7 +67,8 @@ class PruneConfig:
 
     sparsity: float = 0.5
     method: Method = Method.SIPP_HYBRID
-    reduction: Reduction = Reduction.AUTO
+    reduction: Reduction = Reduction.MAX
+    terms: Terms = Terms.ABSOLUTE
     seed: int = 0
     max_samples: int | None = None
     batch_size: int = 32
@@ -67,7 +79,12 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         # Accept plain strings from library users and coerce them to the enums.
-        for name, enum in (("method", Method), ("reduction", Reduction), ("provider", Provider)):
+        for name, enum in (
+            ("method", Method),
+            ("reduction", Reduction),
+            ("terms", Terms),
+            ("provider", Provider),
+        ):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum(value))
@@ -96,9 +113,3 @@ class PruneConfig:
                 f"op_types must be a non-empty subset of {', '.join(PRUNABLE_OP_TYPES)}, got {ops}"
             )
         object.__setattr__(self, "op_types", ops)
-
-    def reduction_for(self, op_type: str) -> Reduction:
-        """The reduction used for layers of `op_type`: AUTO resolved per layer kind."""
-        if self.reduction is not Reduction.AUTO:
-            return self.reduction
-        return Reduction.MEAN if op_type == "Conv" else Reduction.EXPECTED

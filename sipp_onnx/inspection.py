@@ -10,7 +10,7 @@ import onnx
 
 from .config import PRUNABLE_OP_TYPES
 from .discover import discover
-from .layers import Discovery
+from .layers import Discovery, Layer
 from .modelio import load_model
 
 
@@ -79,7 +79,7 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def _geometry(layer) -> dict[str, Any] | None:
+def _geometry(layer: Layer) -> dict[str, Any] | None:
     return asdict(layer.conv) if layer.conv is not None else None
 
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from . import __version__
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
-from .config import Method, Provider, PruneConfig, Reduction
+from .config import Method, Provider, PruneConfig
 from .discover import discover
 from .errors import ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
@@ -64,13 +64,13 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
     return math.ceil(3.0 * math.log(8.0 * eta * eta_max / DELTA))
 
 
-def _accumulator(
-    layer: Layer, weight: np.ndarray, reduction: Reduction, sensitivity: bool
-) -> DenseAccumulator | ConvAccumulator:
+def _accumulator(layer: Layer, weight: np.ndarray, config: PruneConfig) -> DenseAccumulator | ConvAccumulator:
     rows = to_rows(weight, layer.layout)
+    reduction = config.reduction.value
+    sensitivity = config.method is not Method.WANDA
     if layer.conv is not None:
-        return ConvAccumulator(rows, layer.conv, reduction.value, sensitivity)
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction.value)
+        return ConvAccumulator(rows, layer.conv, reduction, sensitivity, config.terms.value)
+    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, config.terms.value)
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -215,12 +215,7 @@ def _calibrate(
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
     for w in found.weights:
         for layer in w.layers:
-            acc = _accumulator(
-                layer,
-                weights[w.name],
-                config.reduction_for(layer.op_type),
-                sensitivity=config.method is not Method.WANDA,
-            )
+            acc = _accumulator(layer, weights[w.name], config)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
     captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress)
@@ -250,18 +245,18 @@ def _no_layers_message(found: Discovery) -> str:
 
 
 def _report(
-    model,
-    out_path,
-    config,
-    found,
-    scores,
-    selected,
-    stats,
+    model: str | Path | onnx.ModelProto,
+    out_path: Path | None,
+    config: PruneConfig,
+    found: Discovery,
+    scores: list[WeightScores],
+    selected: list[SelectedWeight],
+    stats: dict[str, LayerStatistics],
     data: CalibrationData,
-    samples,
-    provider,
-    timings,
-    checks,
+    samples: int,
+    provider: str,
+    timings: dict[str, float],
+    checks: list[OutputCheck],
 ) -> PruneReport:
     layers = []
     for w, score, sel in zip(found.weights, scores, selected, strict=True):
@@ -282,9 +277,7 @@ def _report(
                 else None,
                 bound=sel.bound,
                 sampled_row_parts=sel.sampled_row_parts,
-                reduction=config.reduction_for(w.primary.op_type).value
-                if score.sensitivity is not None
-                else None,
+                reduction=config.reduction.value if score.sensitivity is not None else None,
             )
         )
     total = sum(layer.params for layer in layers)
@@ -304,6 +297,7 @@ def _report(
         output=str(out_path) if out_path is not None else None,
         method=config.method.value,
         reduction=config.reduction.value,
+        terms=config.terms.value,
         seed=config.seed,
         sparsity_target=config.sparsity,
         sparsity_achieved=1.0 - kept / total,

@@ -45,7 +45,9 @@ class LayerReport:
     sparsity: float
     sensitivity: SensitivityStats | None
     bound: float | None
-    """Largest per-row-part error bound of spec section 5 (see select.SelectedWeight)."""
+    """Largest per-row-part error bound of spec section 5 (see select.SelectedWeight). A row part
+    is (row, sign of the weight); the bound is relative to the part's own sum with signed terms,
+    and to the row's absolute mass with absolute terms."""
     sampled_row_parts: int = 0
     reduction: str | None = None
     """How the sensitivities were reduced over points (None without sensitivities)."""
@@ -68,6 +70,7 @@ class PruneReport:
     output: str | None
     method: str
     reduction: str
+    terms: str
     seed: int
     sparsity_target: float
     sparsity_achieved: float

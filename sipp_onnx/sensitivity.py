@@ -5,15 +5,14 @@ For a layer with canonical weight rows `W [N, K]` and non-negative input points 
 
     g_ij(a) = w_ij * a_j / z_i(a),   z_i(a) = sum over the same sign part of w_ik * a_k
 
-(0 where `|z| <= eps32`), and its sensitivity is `s_ij = max over points of g_ij`. Inputs with
-negative entries are split into `max(a, 0)` and `max(-a, 0)`; splitting every batch gives the same
-maxima as deciding per sample, because the negative part of a sample with no negative entry is
-all zero and contributes nothing.
+(0 where `|z| <= eps32`), and its sensitivity is `s_ij = max over points of g_ij`. A sample with
+negative entries is split into `max(a, 0)` and `max(-a, 0)`. The 'absolute' terms variant uses
+`g_ij = |w_ij a_j| / sum_k |w_ik a_k|` instead (see `_Accumulator`).
 
-Vectorized form, with `R[p, i] = 1/z_i(p)` (0 where invalid) for one sign part:
+Vectorized form, with `R[p, i] = 1/|z_i(p)|` (0 where invalid) for one part:
 - max over points:  `s_ij = |w_ij| * max_p R[p, i] * a[p, j]` (a max-times product, chunked);
-- mean over the L patches of a conv sample: `s_ij = |w_ij| * (R @ P^T)[i, j] / L`, then the max
-  over samples.
+- mean over the L points of a sample: `s_ij = |w_ij| * (R @ P^T)[i, j] / L`, then the max
+  over samples; the expectation: the sum of `R @ P^T` over samples, divided by the points.
 
 Accumulators keep only O(weights) state, so memory does not grow with the calibration set.
 This module imports numpy only.
@@ -71,46 +70,62 @@ def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
 
 
 REDUCTIONS = ("max", "mean", "expected")
+TERMS = ("signed", "absolute")
 
 
 class _Accumulator:
     """Running statistics of one layer over points grouped by sample.
 
     Every update is a tensor `[B, G, d, L]`: B samples, G groups, d entries per point, L points
-    per sample (conv output positions, sequence tokens, or 1 for a plain Gemm row). How g is
-    reduced over the points (the spec's patch reductions, plus one that is not in it):
+    per sample (conv output positions, sequence tokens, or 1 for a plain Gemm row).
+
+    What a weight's share of a point is (`terms`):
+
+    - 'signed' (the spec): `w_ij a_j / z` within its sign part, with negative inputs split into
+      `max(a, 0)` and `max(-a, 0)` per sample; four partial sums per row and point.
+    - 'absolute': `|w_ij a_j| / sum_k |w_ik a_k|`, the weight's share of the row's absolute mass.
+      Both give the same kind of guarantee, `|error of y_i| <= eps_i * sum_k |w_ik a_k|` with
+      `eps_i` the summed shares of the pruned weights (the four signed partial sums add up to
+      exactly that mass), but the absolute share measures it directly; the signed shares of a
+      small partial sum are large even when it barely matters, which misranks weights fed by
+      zero-mean inputs (LayerNorm outputs). docs/algorithm.md has the measurements.
+
+    How the shares are reduced over the points (`reduction`):
 
     - 'max':      the max over every point of every sample (the paper's sensitivity);
     - 'mean':     the mean over the L points of each sample, then the max over samples
                   (the reference implementation's SiPP-Det choice for conv layers);
-    - 'expected': the mean over every point of the point's total share, i.e. the sum of g over
-                  the point's sign-split parts (the empirical expected share; no worst case, so
-                  the bounds in the report are no longer guarantees).
-
-    The negative-input split is decided per sample: a sample contributes a `max(-a, 0)` part only
-    if it has a negative entry. For 'expected' a point whose input has both signs counts its two
-    parts' shares together: both are part of the same pre-activation `W a+ - W a-`, and layers
-    fed by signed inputs (LayerNorm outputs, standardised pixels) are not halved against layers
-    fed by ReLUs.
+    - 'expected': the mean over every point of the point's total share (for 'signed', the sum
+                  over its sign-split parts); no worst case, so the report's bounds are no
+                  longer guarantees.
     """
 
-    def __init__(self, rows: np.ndarray, groups: int, reduction: str, compute_sensitivity: bool) -> None:
+    def __init__(
+        self, rows: np.ndarray, groups: int, reduction: str, compute_sensitivity: bool, terms: str = "signed"
+    ) -> None:
         rows = np.asarray(rows, dtype=np.float32)
         n_out, k = rows.shape
         if n_out % groups:
             raise ValueError(f"{n_out} rows do not split into {groups} groups")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if terms not in TERMS:
+            raise ValueError(f"terms must be one of {TERMS}, got {terms!r}")
         self.rows = rows
         self.groups = groups
         self.reduction = reduction
+        self.terms = terms
         self.compute_sensitivity = compute_sensitivity
         grouped = rows.reshape(groups, n_out // groups, k)
-        self._pos = np.maximum(grouped, 0)
-        self._neg = np.minimum(grouped, 0)
         dtype = np.float64 if reduction == "expected" else np.float32
-        self._best_pos = np.zeros(grouped.shape, dtype=dtype)
-        self._best_neg = np.zeros(grouped.shape, dtype=dtype)
+        # (weights of one part, running statistic of that part)
+        if terms == "absolute":
+            self._parts = [(np.abs(grouped), np.zeros(grouped.shape, dtype=dtype))]
+        else:
+            self._parts = [
+                (np.maximum(grouped, 0), np.zeros(grouped.shape, dtype=dtype)),
+                (np.minimum(grouped, 0), np.zeros(grouped.shape, dtype=dtype)),
+            ]
         self._sqnorm = np.zeros((groups, k), dtype=np.float64)
         self.points = 0
         self.patches_per_sample = 1
@@ -124,9 +139,10 @@ class _Accumulator:
         self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
         if not self.compute_sensitivity:
             return
-        for part in _sample_parts(patches):
-            for w_sign, best in ((self._pos, self._best_pos), (self._neg, self._best_neg)):
-                recip = reciprocal(np.matmul(w_sign[None], part))  # [B', G, Ng, L]
+        inputs = _absolute_samples(patches) if self.terms == "absolute" else _sample_parts(patches)
+        for part in inputs:
+            for w_part, best in self._parts:
+                recip = reciprocal(np.matmul(w_part[None], part))  # [B', G, Ng, L]
                 if self.reduction == "max" or (self.reduction == "mean" and n_points == 1):
                     r = recip.transpose(1, 0, 3, 2).reshape(groups, -1, recip.shape[2])
                     a = part.transpose(1, 0, 3, 2).reshape(groups, -1, d)
@@ -139,18 +155,26 @@ class _Accumulator:
     def result(self) -> LayerStatistics:
         w = self.rows
         n_out, k = w.shape
-        best_pos = self._best_pos.reshape(n_out, k)
-        best_neg = self._best_neg.reshape(n_out, k)
         sens = None
         if self.compute_sensitivity:
+            if self.terms == "absolute":
+                share = self._parts[0][1].reshape(n_out, k)
+            else:
+                pos, neg = (best.reshape(n_out, k) for _, best in self._parts)
+                share = np.where(w > 0, pos, np.where(w < 0, neg, 0))
             scale = 1.0 / max(self.points, 1) if self.reduction == "expected" else 1.0
-            sens = np.where(w > 0, w * best_pos, np.where(w < 0, -w * best_neg, 0)) * scale
-            sens = np.minimum(sens, 1.0).astype(np.float32)  # g <= 1; float32 rounding can pass it
+            sens = np.minimum(np.abs(w) * share * scale, 1.0).astype(np.float32)  # float32 can pass 1
         if self.groups == 1:
             sqnorm = np.broadcast_to(self._sqnorm[0], (n_out, k))
         else:
             sqnorm = np.repeat(self._sqnorm, n_out // self.groups, axis=0)
         return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample)
+
+
+def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
+    """`|a|` of the samples that have a non-zero entry (one part per sample)."""
+    content = patches.reshape(patches.shape[0], -1).any(axis=1)
+    return [np.abs(patches[content])] if content.any() else []
 
 
 def _sample_parts(patches: np.ndarray) -> list[np.ndarray]:
@@ -189,8 +213,9 @@ class DenseAccumulator(_Accumulator):
         transpose_input: bool = False,
         compute_sensitivity: bool = True,
         reduction: str = "max",
+        terms: str = "signed",
     ) -> None:
-        super().__init__(rows, 1, reduction, compute_sensitivity)
+        super().__init__(rows, 1, reduction, compute_sensitivity, terms)
         self.transpose_input = transpose_input
 
     def update(self, x: np.ndarray) -> None:
@@ -210,9 +235,14 @@ class ConvAccumulator(_Accumulator):
     """Conv: the points are the (sample, output position) patches of each group."""
 
     def __init__(
-        self, rows: np.ndarray, geom: ConvGeometry, reduction: str = "mean", compute_sensitivity: bool = True
+        self,
+        rows: np.ndarray,
+        geom: ConvGeometry,
+        reduction: str = "mean",
+        compute_sensitivity: bool = True,
+        terms: str = "signed",
     ) -> None:
-        super().__init__(rows, geom.group, reduction, compute_sensitivity)
+        super().__init__(rows, geom.group, reduction, compute_sensitivity, terms)
         self.geom = geom
 
     def update(self, x: np.ndarray) -> None:

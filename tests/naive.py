@@ -300,3 +300,41 @@ def naive_conv_sqnorm(rows, x, kernel_shape, strides, dilations, pads, auto_pad,
                 for l_idx in range(p.shape[3]):
                     out[i, j] += float(p[b, gi, j, l_idx]) ** 2
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# 'absolute' terms: a weight's share of the row's absolute mass (no sign split)
+# --------------------------------------------------------------------------------------------
+
+
+def naive_g_abs(w_row, a):
+    """g_j = |w_j a_j| / sum_k |w_k a_k| for one row and one (raw, signed) point; 0 if the mass
+    is at most EPS."""
+    terms = [abs(float(w) * float(v)) for w, v in zip(w_row, a, strict=True)]
+    mass = sum(terms)
+    return [t / mass if mass > EPS else 0.0 for t in terms]
+
+
+def naive_abs_sensitivity(rows, sample_points, reduction="max"):
+    """s `[N, K]` with absolute terms. `sample_points` is a list of per-sample point lists (each
+    point a vector [K] of the raw input: a Gemm row, a token, or a conv patch of row i's group
+    given by `sample_points[b][i]` when it is a dict keyed by row)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n, k = rows.shape
+    s = np.zeros((n, k))
+    total = np.zeros((n, k))
+    counted = 0
+    for points_of in sample_points:
+        for i in range(n):
+            pts = points_of(i)
+            acc = np.zeros(k)
+            for point in pts:
+                g = np.array(naive_g_abs(rows[i], point))
+                acc += g
+                if reduction == "max":
+                    s[i] = np.maximum(s[i], g)
+            total[i] += acc
+            if reduction == "mean":
+                s[i] = np.maximum(s[i], acc / len(pts))
+        counted += len(points_of(0))
+    return total / max(counted, 1) if reduction == "expected" else s

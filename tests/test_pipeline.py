@@ -55,7 +55,9 @@ def test_single_gemm_det_keeps_exactly_the_top_sensitivities(tmp_path):
     model = single_gemm(n_in=10, n_out=6)
     # Non-negative, continuous inputs: no ties among the sensitivities, so "the top 40 %" is exact.
     x = gaussian_calibration((10,), n=12, nonneg=True)
-    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max"))
+    result = prune_model(
+        model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed")
+    )
     w = numpy_helper.to_array(init_map(model)["W"])
     new = numpy_helper.to_array(init_map(result.model)["W"])
     s = naive_dense_sensitivity(w.astype(np.float64), x.astype(np.float64))
@@ -179,7 +181,9 @@ def test_shared_weight_uses_the_max_sensitivity_over_its_uses():
     ]
     model = finish(nodes, [value("x", ["b", 5])], [value("y", ["b", 5])], [tensor("W", w)])
     x = gaussian_calibration((5,), n=6)
-    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max"))
+    result = prune_model(
+        model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed")
+    )
     assert [layer.nodes for layer in result.report.layers] == [("m1", "m2")]
     h = np.maximum(x @ w, 0)
     s = np.maximum(
@@ -213,7 +217,12 @@ def test_report_contents(tmp_path):
     )
     data = result.report.to_dict()
     json.dumps(data)
-    assert data["method"] == "sipp-hybrid" and data["seed"] == 4 and data["reduction"] == "auto"
+    assert (
+        data["method"] == "sipp-hybrid"
+        and data["seed"] == 4
+        and data["reduction"] == "max"
+        and data["terms"] == "absolute"
+    )
     assert data["samples"] == 20 and data["batch_size"] == 8 and data["provider"] in ("cpu", "cuda")
     assert data["recommended_samples"] > 100
     assert any("recommends" in w for w in data["warnings"])
@@ -264,7 +273,9 @@ def test_gemm_trans_a_and_alpha_use_the_right_points():
     ]
     model = finish(nodes, [value("x", ["b", 7])], [value("y", ["b", 4])], [tensor("W", w)])
     x = gaussian_calibration((7,), n=9, nonneg=True)
-    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.5, method="sipp-det", reduction="max"))
+    result = prune_model(
+        model, {"x": x}, PruneConfig(sparsity=0.5, method="sipp-det", reduction="max", terms="signed")
+    )
     s = naive_dense_sensitivity(w.T.astype(np.float64), x.astype(np.float64))
     new = numpy_helper.to_array(init_map(result.model)["W"]).T
     ranked = np.sort(s, axis=None)[::-1]

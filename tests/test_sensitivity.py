@@ -14,12 +14,15 @@ from hypothesis.extra import numpy as hnp
 # tests/ has no __init__.py: pytest puts it on sys.path (rootdir "prepend" import mode)
 from naive import (
     EPS,
+    naive_abs_sensitivity,
     naive_conv_sensitivity,
     naive_conv_sqnorm,
     naive_dense_sensitivity,
     naive_dense_sqnorm,
     naive_g,
+    naive_g_abs,
     naive_output_spatial,
+    naive_patches,
     naive_z,
 )
 
@@ -550,3 +553,58 @@ def test_conv_expected_reduction_matches_naive(signed):
         w.reshape(4, -1), x, (3, 3), (2, 1), (1, 1), (1, 0, 0, 1), "NOTSET", 2, "expected"
     )
     np.testing.assert_allclose(acc.result().sensitivity, expected, rtol=1e-4, atol=1e-6)
+
+
+# --- 'absolute' terms --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reduction", ["max", "mean", "expected"])
+def test_dense_absolute_terms_match_naive(reduction):
+    rng = np.random.default_rng(21)
+    rows = rng.normal(size=(4, 6)).astype(np.float32)
+    rows[0, 1] = 0.0
+    x = rng.normal(size=(5, 3, 6)).astype(np.float32)
+    x[2] = 0.0  # an empty sample
+    acc = DenseAccumulator(rows, reduction=reduction, terms="absolute")
+    acc.update(x[:3])
+    acc.update(x[3:])
+    samples = [lambda i, b=b: list(x[b].astype(np.float64)) for b in range(len(x))]
+    expected = naive_abs_sensitivity(rows, samples, reduction)
+    np.testing.assert_allclose(acc.result().sensitivity, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["max", "mean", "expected"])
+def test_conv_absolute_terms_match_naive(reduction):
+    rng = np.random.default_rng(22)
+    geom = ConvGeometry((3,), (2,), (1,), (1, 1), "NOTSET", 2)
+    w = rng.normal(size=(4, 3, 3)).astype(np.float32)
+    x = rng.normal(size=(3, 6, 7)).astype(np.float32)
+    rows = w.reshape(4, -1)
+    acc = ConvAccumulator(rows, geom, reduction=reduction, terms="absolute")
+    acc.update(x)
+    patches = naive_patches(x, (3,), (2,), (1,), (1, 1), "NOTSET", 2)  # [B, G, d, L]
+
+    def points_of(b):
+        return lambda i: [patches[b, i // 2, :, l_idx] for l_idx in range(patches.shape[3])]
+
+    expected = naive_abs_sensitivity(rows, [points_of(b) for b in range(len(x))], reduction)
+    np.testing.assert_allclose(acc.result().sensitivity, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_absolute_shares_sum_to_one_and_bound_the_pruned_error():
+    """Per point the absolute shares of a row sum to 1, and the error of pruning a set of weights
+    is at most (their summed sensitivity) x (the row's absolute mass) at every point."""
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(3, 8)).astype(np.float32)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    acc = DenseAccumulator(rows, terms="absolute")
+    acc.update(x)
+    s = acc.result().sensitivity.astype(np.float64)
+    pruned = rng.random(rows.shape) < 0.5
+    eps = np.where(pruned, s, 0).sum(axis=1)
+    for point in x.astype(np.float64):
+        g = np.array([naive_g_abs(rows[i], point) for i in range(3)])
+        np.testing.assert_allclose(g.sum(axis=1), 1.0, rtol=1e-9)
+        error = np.abs((np.where(pruned, rows, 0) * point).sum(axis=1))
+        mass = (np.abs(rows) * np.abs(point)).sum(axis=1)
+        assert np.all(error <= eps * mass * (1 + 1e-5) + 1e-9)

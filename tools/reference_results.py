@@ -23,33 +23,45 @@ from sipp_onnx import PruneConfig, __version__, prune_model
 from sipp_onnx.evaluate import evaluate
 
 MODELS = ("lenet300", "cnn", "tokens")
+# (method, reduction, terms); the defaults first, then the spec's variants.
 VARIANTS = (
-    ("sipp-hybrid", "auto"),
-    ("sipp-det", "auto"),
-    ("sipp-rand", "auto"),
-    ("sipp-det", "max"),
-    ("sipp-det", "mean"),
-    ("sipp-hybrid", "max"),
-    ("sipp-rand", "max"),
-    ("magnitude", "auto"),
-    ("wanda", "auto"),
+    ("sipp-hybrid", "max", "absolute"),
+    ("sipp-det", "max", "absolute"),
+    ("sipp-rand", "max", "absolute"),
+    ("sipp-det", "mean", "absolute"),
+    ("sipp-hybrid", "expected", "absolute"),
+    ("sipp-det", "max", "signed"),
+    ("sipp-det", "mean", "signed"),
+    ("sipp-hybrid", "max", "signed"),
+    ("sipp-rand", "max", "signed"),
+    ("magnitude", "max", "absolute"),
+    ("wanda", "max", "absolute"),
 )
 
 
-def run(models_dir: Path, sparsities: list[float], seed: int) -> list[dict]:
+def run(models_dir: Path, sparsities: list[float], seed: int, variants) -> list[dict]:
     rows = []
     for name in MODELS:
         model = models_dir / f"{name}.onnx"
         calib, test = models_dir / f"{name}_calib.npz", models_dir / f"{name}_test.npz"
         dense = evaluate(model, test).model.accuracy
-        for method, reduction in VARIANTS:
+        for method, reduction, terms in variants:
             accs = []
             for sparsity in sparsities:
-                config = PruneConfig(sparsity=sparsity, method=method, reduction=reduction, seed=seed)
+                config = PruneConfig(
+                    sparsity=sparsity, method=method, reduction=reduction, terms=terms, seed=seed
+                )
                 result = prune_model(model, calib, config)
                 accs.append(evaluate(model, test, compare=result.model).compare.accuracy)
             rows.append(
-                {"model": name, "dense": dense, "method": method, "reduction": reduction, "acc": accs}
+                {
+                    "model": name,
+                    "dense": dense,
+                    "method": method,
+                    "reduction": reduction,
+                    "terms": terms,
+                    "acc": accs,
+                }
             )
             print(
                 f"{name:<9} {method:<12} {reduction:<8} " + " ".join(f"{a * 100:5.1f}" for a in accs),
@@ -59,21 +71,24 @@ def run(models_dir: Path, sparsities: list[float], seed: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], sparsities: list[float], seconds: float) -> str:
-    head = "| model (dense) | method | reduction | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+    head = (
+        "| model (dense) | method | reduction | terms | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+    )
     lines = [
         "Test accuracy (%) after pruning to each sparsity; produced by `python tools/reference_results.py "
         f"--write-readme` (sipp-onnx {__version__}, {platform.machine()}, {seconds:.0f} s). "
-        "The default method and reduction come first. `auto` is `mean` for Conv and `expected` for "
-        "Gemm/MatMul (see docs/algorithm.md). 400 test images: 0.25 points each.",
+        "The default (sipp-hybrid, max, absolute) comes first, then the other SiPP variants and "
+        "the spec's signed terms; reduction and terms do not apply to magnitude and wanda. See "
+        "docs/algorithm.md for what they mean. 400 test images: 0.25 points each.",
         "",
         head,
-        "|" + "---|" * (3 + len(sparsities)),
+        "|" + "---|" * (4 + len(sparsities)),
     ]
     for r in rows:
         cells = " | ".join(f"{a * 100:.1f}" for a in r["acc"])
-        lines.append(
-            f"| {r['model']} ({r['dense'] * 100:.2f}) | {r['method']} | {r['reduction']} | {cells} |"
-        )
+        sipp = r["method"].startswith("sipp")
+        how = f"{r['reduction']} | {r['terms']}" if sipp else "- | -"
+        lines.append(f"| {r['model']} ({r['dense'] * 100:.2f}) | {r['method']} | {how} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,11 +100,15 @@ def main() -> int:
     parser.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-readme", action="store_true")
+    parser.add_argument(
+        "--variants", default=None, help="method:reduction:terms,... instead of the standard set"
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     t0 = time.perf_counter()
-    rows = run(args.models, sparsities, args.seed)
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else VARIANTS
+    rows = run(args.models, sparsities, args.seed, variants)
     table = markdown(rows, sparsities, time.perf_counter() - t0)
     print(table)
     if args.write_readme:
