@@ -70,11 +70,12 @@ def _read_eval_data(
     return arrays, labels
 
 
-def _session_model(model: str | Path | onnx.ModelProto) -> onnx.ModelProto | Path:
+def _session_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, onnx.ModelProto | Path]:
+    """The model's graph (without external weights) and what to open a session on (the file
+    itself, so ORT finds external data beside it). Loading checks it: one-line errors."""
     if isinstance(model, onnx.ModelProto):
-        return model
-    load_model(model, load_external=False)  # one-line errors for missing/corrupt files
-    return Path(model)
+        return model, model
+    return load_model(model, load_external=False), Path(model)
 
 
 def evaluate(
@@ -87,14 +88,13 @@ def evaluate(
     provider: Provider = Provider.AUTO,
 ) -> EvalReport:
     """Accuracy of `model` (and `compare`) on `data`, and the fidelity of `compare` to `model`."""
-    source = _session_model(model)
-    proto = source if isinstance(source, onnx.ModelProto) else load_model(source, load_external=False)
+    proto, source = _session_model(model)
     arrays, labels = _read_eval_data(data, labels_key)
     calib = open_calibration(arrays, model_inputs(proto))
     session, used = make_session(source, provider)
     other = None
     if compare is not None:
-        other, _ = make_session(_session_model(compare), Provider(used))
+        other, _ = make_session(_session_model(compare)[1], Provider(used))
     outputs = [o.name for o in session.get_outputs()]
     name = output or outputs[0]
     if name not in outputs:

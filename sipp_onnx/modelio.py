@@ -51,9 +51,7 @@ def load_model(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"model path {str(path)!r} is not a file")
     try:
-        model = onnx.load(str(path), load_external_data=load_external)
-    except FileNotFoundError as exc:
-        raise ModelError(f"model {str(path)!r} refers to external data that is missing: {exc}") from None
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and friends
         raise ModelError(f"cannot read {str(path)!r} as an ONNX model: {_first_line(exc)}") from None
     if not model.graph.node:
@@ -62,7 +60,17 @@ def load_model(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ModelError(f"{str(path)!r} is not a valid ONNX model: {_first_line(exc)}") from None
+    if load_external:
+        load_external_data(model, path)
     return model
+
+
+def load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read the external tensors of `model`, loaded from `path` without them, into memory."""
+    try:
+        external_data_helper.load_external_data_for_model(model, str(path.parent))
+    except (FileNotFoundError, OSError) as exc:
+        raise ModelError(f"model {str(path)!r} refers to external data that cannot be read: {exc}") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -97,10 +105,9 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def external_tensor_names(path: str | Path) -> frozenset[str]:
-    """Initializers that the file at `path` stores as external data (its layout to keep)."""
-    stored = onnx.load(str(path), load_external_data=False)
-    return frozenset(t.name for t in stored.graph.initializer if external_data_helper.uses_external_data(t))
+def external_tensor_names(model: onnx.ModelProto) -> frozenset[str]:
+    """Initializers stored as external data in a model loaded without them (the layout to keep)."""
+    return frozenset(t.name for t in model.graph.initializer if external_data_helper.uses_external_data(t))
 
 
 def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:

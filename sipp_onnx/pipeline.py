@@ -26,6 +26,7 @@ from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .modelio import (
     check_output_path,
     external_tensor_names,
+    load_external_data,
     load_model,
     model_inputs,
     read_tensor,
@@ -123,8 +124,9 @@ def prune_model(
     t0 = time.perf_counter()
     model_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     if model_path is not None:
-        proto = load_model(model_path)
-        external = external_tensor_names(model_path)
+        proto = load_model(model_path, load_external=False)
+        external = external_tensor_names(proto)
+        load_external_data(proto, model_path)
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
