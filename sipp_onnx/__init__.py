@@ -7,7 +7,7 @@ print(result.report.format_table())
 
 __version__ = "0.1.0"
 
-from .config import Method, Provider, PruneConfig, Reduction, Terms  # noqa: E402
+from .config import Method, Provider, PruneConfig, Reduction, Refit, Terms  # noqa: E402
 from .discover import discover  # noqa: E402
 from .errors import (  # noqa: E402
     CalibrationError,
@@ -35,6 +35,7 @@ __all__ = [
     "PruneReport",
     "PruneResult",
     "Reduction",
+    "Refit",
     "SippError",
     "Terms",
     "__version__",

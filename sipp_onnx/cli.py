@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Terms
+from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Refit, Terms
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
@@ -123,6 +123,20 @@ def main() -> None:
     help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
     "(the spec: within each sign part, inputs split by sign).",
 )
+@click.option(
+    "--refit",
+    type=click.Choice([r.value for r in Refit]),
+    default=PruneConfig.refit.value,
+    show_default=True,
+    help="After the mask: none (keep values), bias (undo each output's mean shift through its "
+    "bias), obs (re-solve the kept weights for the least output error, then the bias).",
+)
+@click.option(
+    "--sequential",
+    is_flag=True,
+    help="Measure each layer on the outputs of the already pruned earlier layers "
+    "(one calibration pass per layer depth).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
 @click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per ONNX Runtime run.")
@@ -165,6 +179,8 @@ def prune(
     method: str,
     reduction: str,
     terms: str,
+    refit: str,
+    sequential: bool,
     seed: int,
     max_samples: int | None,
     batch_size: int,
@@ -186,6 +202,8 @@ def prune(
             method=Method(method),
             reduction=Reduction(reduction),
             terms=Terms(terms),
+            refit=Refit(refit),
+            sequential=sequential,
             seed=seed,
             max_samples=max_samples,
             batch_size=batch_size,
@@ -209,8 +227,10 @@ def prune(
             return
         click.echo(report.format_table())
         click.echo()
-        label = report.method + (
-            f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else ""
+        label = (
+            report.method
+            + (f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else "")
+            + (f", refit {report.refit}" if report.refit != "none" else "")
         )
         click.echo(
             f"{label}: sparsity {report.sparsity_achieved:.2%} "

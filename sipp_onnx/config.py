@@ -45,6 +45,19 @@ class Terms(StrEnum):
     ABSOLUTE = "absolute"
 
 
+class Refit(StrEnum):
+    """What happens to the kept weights after the mask is chosen (see refit.py).
+
+    NONE keeps their values; BIAS adds each output's mean shift on the calibration data back
+    through its bias; OBS re-solves the kept weights of every row for the smallest output error
+    on the calibration inputs, then corrects the bias as BIAS does.
+    """
+
+    NONE = "none"
+    BIAS = "bias"
+    OBS = "obs"
+
+
 class Provider(StrEnum):
     """ONNX Runtime execution provider for the calibration pass."""
 
@@ -69,6 +82,10 @@ class PruneConfig:
     method: Method = Method.SIPP_HYBRID
     reduction: Reduction = Reduction.MAX
     terms: Terms = Terms.ABSOLUTE
+    refit: Refit = Refit.OBS
+    sequential: bool = False
+    """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
+    one more calibration pass per layer depth, so later layers compensate earlier errors."""
     seed: int = 0
     max_samples: int | None = None
     batch_size: int = 32
@@ -83,6 +100,7 @@ class PruneConfig:
             ("method", Method),
             ("reduction", Reduction),
             ("terms", Terms),
+            ("refit", Refit),
             ("provider", Provider),
         ):
             value = getattr(self, name)

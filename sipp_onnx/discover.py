@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import replace
+from math import prod
 
 import onnx
 import onnx_graphsurgeon as gs
 
 from .config import PRUNABLE_OP_TYPES
 from .errors import ModelError
-from .layers import ConvGeometry, Discovery, Layer, PrunableWeight, SkippedCandidate, WeightLayout
+from .layers import BiasSlot, ConvGeometry, Discovery, Layer, PrunableWeight, SkippedCandidate, WeightLayout
 from .modelio import np_dtype, tensor_protos
 
 SUPPORTED_DTYPES = ("float32", "float16", "float64")
@@ -45,6 +47,7 @@ def discover(
     sparse = {t.values.name for t in model.graph.sparse_initializer}
     protos = tensor_protos(model)
     ids = _node_ids(graph.nodes)
+    index_of = {id(node): i for i, node in enumerate(graph.nodes)}
 
     skipped: list[SkippedCandidate] = []
     candidates: dict[str, list[tuple[gs.Node, Layer]]] = {}
@@ -58,6 +61,13 @@ def discover(
             weight = node.inputs[1].name if len(node.inputs) > 1 else None
             skipped.append(SkippedCandidate(node_id, node.op, str(why), weight))
             continue
+        layer = replace(layer, index=index_of[id(node)])
+        try:
+            layer = replace(
+                layer, bias=_bias_slot(node, layer, index_of, graph_inputs, graph_outputs, sparse)
+            )
+        except _Rejected as why:
+            layer = replace(layer, bias_problem=str(why))
         candidates.setdefault(layer.weight, []).append((node, layer))
 
     weights: list[PrunableWeight] = []
@@ -192,6 +202,60 @@ def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple
     if len(geom.strides) != n or len(geom.dilations) != n or len(geom.pads) != 2 * n:
         raise _Rejected("strides/dilations/pads do not match the kernel rank")
     return Layer(node_id, "Conv", weight, act, shape, WeightLayout.CONV, conv=geom)
+
+
+def _bias_slot(
+    node: gs.Node,
+    layer: Layer,
+    index_of: dict[int, int],
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+) -> BiasSlot:
+    """Where the bias refit can shift this layer's outputs, or raise `_Rejected` with why not."""
+    if node.op == "MatMul":
+        out = node.outputs[0]
+        consumers = list(out.outputs)
+        if out.name in graph_outputs or len(consumers) != 1 or consumers[0].op != "Add":
+            raise _Rejected("no bias: the MatMul output does not go to a single Add")
+        add = consumers[0]
+        slot = 1 if add.inputs[0] is out else 0
+        return _existing_bias(
+            add, slot, layer.n_out, index_of[id(add)], 1.0, graph_inputs, graph_outputs, sparse
+        )
+    scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+    if scale == 0.0:
+        raise _Rejected("no bias: Gemm beta is 0")
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return _existing_bias(
+            node, 2, layer.n_out, index_of[id(node)], scale, graph_inputs, graph_outputs, sparse
+        )
+    return BiasSlot(index_of[id(node)], 2, None, scale)
+
+
+def _existing_bias(
+    node: gs.Node,
+    slot: int,
+    n_out: int,
+    index: int,
+    scale: float,
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+) -> BiasSlot:
+    tensor = node.inputs[slot]
+    problem = _constant_source(tensor, graph_inputs, sparse)
+    if problem:
+        raise _Rejected(f"no bias to refit: {problem}")
+    if len(tensor.outputs) != 1 or tensor.name in graph_outputs:
+        raise _Rejected(f"no bias to refit: bias {tensor.name!r} is shared")
+    shape = tuple(int(d) for d in tensor.shape) if isinstance(tensor, gs.Constant) else None
+    if shape is None:
+        values = tensor.inputs[0].attrs["value"]
+        shape = tuple(int(d) for d in values.shape)
+    if prod(shape) != n_out or (shape and shape[-1] != n_out):
+        raise _Rejected(f"no bias to refit: bias {tensor.name!r} has shape {list(shape)}, not [{n_out}]")
+    return BiasSlot(index, slot, tensor.name, scale)
 
 
 def _sharing_problem(

@@ -46,6 +46,23 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class BiasSlot:
+    """Where the per-output bias of a layer lives, for the bias refit.
+
+    The output shift `delta` (one value per output neuron) is applied as `tensor += delta / scale`;
+    with `tensor` None the node has no bias yet and one is added as input `input_index`.
+    """
+
+    node_index: int
+    """Position in the top-level graph of the node that holds the bias (the layer, or the Add
+    after a MatMul)."""
+    input_index: int
+    tensor: str | None
+    scale: float = 1.0
+    """Gemm's beta (the bias is multiplied by it); 1 otherwise."""
+
+
+@dataclass(frozen=True)
 class Layer:
     """One use of a constant weight by a Gemm, MatMul or Conv node."""
 
@@ -61,6 +78,11 @@ class Layer:
     transpose_input: bool = False
     """Gemm transA: the activation is stored `[K, M]` and its columns are the points."""
     conv: ConvGeometry | None = None
+    index: int = -1
+    """Position of the node in the top-level graph (its topological order)."""
+    bias: BiasSlot | None = None
+    """Where the bias refit writes; None when it cannot (see `bias_problem`)."""
+    bias_problem: str = ""
 
     @property
     def n_out(self) -> int:

@@ -21,6 +21,7 @@ import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
 from .errors import ModelError, OutputError
+from .layers import BiasSlot
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,35 @@ def write_tensor(tensor: onnx.TensorProto, values: np.ndarray) -> None:
     tensor.CopyFrom(new)
     if doc is not None:
         tensor.doc_string = doc
+
+
+def shift_bias(
+    model: onnx.ModelProto, protos: dict[str, onnx.TensorProto], slot: BiasSlot, shift: np.ndarray, dtype: str
+) -> str:
+    """Add `shift / slot.scale` to the bias at `slot`, creating the bias input when the node has
+    none (as a new initializer of `dtype`). Returns the bias tensor's name."""
+    values = np.asarray(shift, dtype=np.float64) / slot.scale
+    if slot.tensor is not None:
+        tensor = protos[slot.tensor]
+        current = numpy_helper.to_array(tensor)
+        write_tensor(tensor, current.astype(np.float64) + values.reshape(current.shape))
+        return slot.tensor
+    node = model.graph.node[slot.node_index]
+    taken = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
+    taken |= {name for n in model.graph.node for name in n.output}
+    name, suffix = f"{node.output[0]}_sipp_bias", 0
+    while name in taken:
+        suffix += 1
+        name = f"{node.output[0]}_sipp_bias{suffix}"
+    model.graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name))
+    while len(node.input) < slot.input_index:
+        node.input.append("")
+    if len(node.input) > slot.input_index:
+        node.input[slot.input_index] = name
+    else:
+        node.input.append(name)
+    protos[name] = model.graph.initializer[-1]
+    return name
 
 
 def external_data_name(output: Path) -> str:

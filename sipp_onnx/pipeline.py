@@ -19,7 +19,7 @@ import onnxruntime as ort
 from . import __version__
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
-from .config import Method, Provider, PruneConfig
+from .config import Method, Provider, PruneConfig, Refit
 from .discover import discover
 from .errors import ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
@@ -31,12 +31,14 @@ from .modelio import (
     model_inputs,
     read_tensor,
     save_model_atomic,
+    shift_bias,
     tensor_protos,
     write_tensor,
 )
-from .report import LayerReport, OutputCheck, PruneReport, SensitivityStats
+from .refit import RefitOutcome, refit_layer
+from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
-from .select import SelectedWeight, WeightScores, select
+from .select import SelectedWeight, WeightScores, select, select_count
 from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
 
 log = logging.getLogger(__name__)
@@ -68,10 +70,11 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
 def _accumulator(layer: Layer, weight: np.ndarray, config: PruneConfig) -> DenseAccumulator | ConvAccumulator:
     rows = to_rows(weight, layer.layout)
     reduction = config.reduction.value
-    sensitivity = config.method is not Method.WANDA
+    sensitivity = config.method not in (Method.WANDA, Method.MAGNITUDE)
+    gram = config.refit is not Refit.NONE
     if layer.conv is not None:
-        return ConvAccumulator(rows, layer.conv, reduction, sensitivity, config.terms.value)
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, config.terms.value)
+        return ConvAccumulator(rows, layer.conv, reduction, sensitivity, config.terms.value, gram)
+    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, config.terms.value, gram)
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -143,7 +146,8 @@ def prune_model(
     weights = {w.name: read_tensor(protos[w.name], base_dir).astype(np.float32) for w in found.weights}
     timings["load"] = time.perf_counter() - t0
 
-    if config.method is not Method.MAGNITUDE and config.sparsity > 0:
+    measure = config.method is not Method.MAGNITUDE or config.refit is not Refit.NONE
+    if measure and config.sparsity > 0:
         stats, captured = _calibrate(proto, found, weights, data, config, progress)
         timings["capture"] = captured.run_seconds
         timings["sensitivity"] = captured.stats_seconds
@@ -171,6 +175,19 @@ def prune_model(
     if progress is not None:
         progress("select", 1, 1)
 
+    refits: list[RefitReport | None] = [None] * len(selected)
+    if measure and config.sparsity > 0 and config.sequential:
+        t_seq = time.perf_counter()
+        refits = _sequential(proto, protos, found, weights, scores, selected, data, config, progress)
+        timings["sequential"] = time.perf_counter() - t_seq
+    elif config.refit is not Refit.NONE and config.sparsity > 0:
+        t_refit = time.perf_counter()
+        for i, (w, score) in enumerate(zip(found.weights, scores, strict=True)):
+            selected[i], refits[i] = _refit(proto, protos, w, score, selected[i], stats, config.refit)
+            if progress is not None:
+                progress("refit", i + 1, len(selected))
+        timings["refit"] = time.perf_counter() - t_refit
+
     t2 = time.perf_counter()
     for w, score, sel in zip(found.weights, scores, selected, strict=True):
         if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
@@ -193,7 +210,19 @@ def prune_model(
     timings["total"] = time.perf_counter() - t0
 
     report = _report(
-        model, out_path, config, found, scores, selected, stats, data, samples, provider, timings, checks
+        model,
+        out_path,
+        config,
+        found,
+        scores,
+        selected,
+        refits,
+        stats,
+        data,
+        samples,
+        provider,
+        timings,
+        checks,
     )
     for check in checks:
         log.info(
@@ -224,6 +253,62 @@ def _calibrate(
     return {node: acc.result() for node, acc in by_node.items()}, captured
 
 
+def layer_stages(proto: onnx.ModelProto, found: Discovery) -> list[list[int]]:
+    """Indices into `found.weights`, grouped by how many pruned layers lie upstream of them.
+
+    A weight's stage is the longest chain of prunable layers before any of its uses (top-level
+    data flow; tensors a subgraph reads implicitly are not followed). Weights of one stage never
+    feed each other, so one calibration pass measures a whole stage.
+    """
+    layer_nodes = {layer.index for w in found.weights for layer in w.layers}
+    depth: dict[str, int] = {}
+    node_depth: dict[int, int] = {}
+    for i, node in enumerate(proto.graph.node):
+        d = max((depth.get(t, 0) for t in node.input if t), default=0)
+        node_depth[i] = d
+        for t in node.output:
+            depth[t] = d + 1 if i in layer_nodes else d
+    stage_of = [max(node_depth[layer.index] for layer in w.layers) for w in found.weights]
+    return [[i for i, s in enumerate(stage_of) if s == stage] for stage in sorted(set(stage_of))]
+
+
+def _sequential(
+    proto: onnx.ModelProto,
+    protos: dict[str, onnx.TensorProto],
+    found: Discovery,
+    weights: dict[str, np.ndarray],
+    scores: list[WeightScores],
+    selected: list[SelectedWeight],
+    data: CalibrationData,
+    config: PruneConfig,
+    progress: Progress | None,
+) -> list[RefitReport | None]:
+    """Re-measure, re-select and refit stage by stage on the partly pruned model.
+
+    Each weight keeps the number of weights the global selection gave it (the budget is global);
+    which ones, and their refitted values, come from statistics of its inputs in the model whose
+    earlier stages are already pruned. `scores`, `selected` and `proto` are updated in place.
+    """
+    refits: list[RefitReport | None] = [None] * len(selected)
+    stages = layer_stages(proto, found)
+    for n, stage in enumerate(stages):
+        sub = Discovery(tuple(found.weights[i] for i in stage), ())
+        stats, _ = _calibrate(proto, sub, weights, data, config, None)
+        for i in stage:
+            w = found.weights[i]
+            score = _scores(w, weights[w.name], stats)
+            sel = selected[i]
+            if config.method is not Method.MAGNITUDE:
+                sel = select_count([score], config.method.value, selected[i].kept, config.seed)[0]
+            if config.refit is not Refit.NONE:
+                sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit)
+            scores[i], selected[i] = score, sel
+            write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
+        if progress is not None:
+            progress("sequential", n + 1, len(stages))
+    return refits
+
+
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
     """Selection inputs of one weight: its rows and its statistics merged over its uses."""
     primary = stats.get(weight.primary.node)
@@ -235,6 +320,45 @@ def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, Laye
         input_sqnorm=_merge(weight, stats, "input_sqnorm") if primary else None,
         patches=primary.patches_per_sample if primary else 1,
         kernel_size=weight.primary.kernel_size,
+    )
+
+
+def _refit(
+    proto: onnx.ModelProto,
+    protos: dict[str, onnx.TensorProto],
+    weight: PrunableWeight,
+    score: WeightScores,
+    sel: SelectedWeight,
+    stats: Mapping[str, LayerStatistics],
+    mode: Refit,
+) -> tuple[SelectedWeight, RefitReport]:
+    """Refit one weight's kept entries (and its bias); the bias tensor is updated in `proto`."""
+    layer = weight.primary
+    if len(weight.layers) > 1:
+        return sel, RefitReport("skipped", f"shared by {len(weight.layers)} layers: mask only")
+    st = stats[layer.node]
+    if st.gram is None or st.input_sum is None:  # pragma: no cover - gram is always asked for
+        return sel, RefitReport("skipped", "no calibration statistics")
+    if np.array_equal(sel.rows, score.rows):
+        return sel, RefitReport("none", "nothing pruned", 0.0, 0.0)
+    outcome: RefitOutcome = refit_layer(
+        score.rows,
+        sel.rows,
+        st.gram,
+        st.input_sum,
+        st.points,
+        weights=mode is Refit.OBS,
+        bias=layer.bias is not None,
+    )
+    bias_tensor = None
+    if layer.bias is not None and outcome.bias_shift is not None:
+        bias_tensor = shift_bias(proto, protos, layer.bias, outcome.bias_shift, weight.dtype)
+    how = outcome.solver if mode is Refit.OBS else "bias"
+    note = layer.bias_problem if layer.bias is None else ""
+    log.debug("refit %s: output error %.4g -> %.4g", weight.name, outcome.error_before, outcome.error_after)
+    return (
+        SelectedWeight(outcome.rows, sel.kept, sel.bound, sel.sampled_row_parts),
+        RefitReport(how, note, outcome.error_before, outcome.error_after, outcome.rows_refitted, bias_tensor),
     )
 
 
@@ -253,6 +377,7 @@ def _report(
     found: Discovery,
     scores: list[WeightScores],
     selected: list[SelectedWeight],
+    refits: list[RefitReport | None],
     stats: dict[str, LayerStatistics],
     data: CalibrationData,
     samples: int,
@@ -261,7 +386,7 @@ def _report(
     checks: list[OutputCheck],
 ) -> PruneReport:
     layers = []
-    for w, score, sel in zip(found.weights, scores, selected, strict=True):
+    for w, score, sel, refit in zip(found.weights, scores, selected, refits, strict=True):
         nonzero = int(np.count_nonzero(score.rows))
         kept = int(np.count_nonzero(sel.rows))
         layers.append(
@@ -280,6 +405,7 @@ def _report(
                 bound=sel.bound,
                 sampled_row_parts=sel.sampled_row_parts,
                 reduction=config.reduction.value if score.sensitivity is not None else None,
+                refit=refit,
             )
         )
     total = sum(layer.params for layer in layers)
@@ -300,6 +426,8 @@ def _report(
         method=config.method.value,
         reduction=config.reduction.value,
         terms=config.terms.value,
+        refit=config.refit.value,
+        sequential=config.sequential,
         seed=config.seed,
         sparsity_target=config.sparsity,
         sparsity_achieved=1.0 - kept / total,

@@ -32,6 +32,23 @@ class SensitivityStats:
 
 
 @dataclass(frozen=True)
+class RefitReport:
+    """What the refit did to one weight (see refit.py)."""
+
+    how: str
+    """'exact' or 'sparsegpt' (weights re-solved), 'bias' (bias only), 'none', 'skipped'."""
+    note: str = ""
+    """Why something was not done (no bias slot, shared weight)."""
+    error_before: float | None = None
+    """Relative L2 error of the layer output on the calibration data, mask alone."""
+    error_after: float | None = None
+    """The same after the refit."""
+    rows_refitted: int = 0
+    bias: str | None = None
+    """The bias tensor that was shifted (or added)."""
+
+
+@dataclass(frozen=True)
 class LayerReport:
     """What happened to one pruned weight tensor."""
 
@@ -51,6 +68,7 @@ class LayerReport:
     sampled_row_parts: int = 0
     reduction: str | None = None
     """How the sensitivities were reduced over points (None without sensitivities)."""
+    refit: RefitReport | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +89,8 @@ class PruneReport:
     method: str
     reduction: str
     terms: str
+    refit: str
+    sequential: bool
     seed: int
     sparsity_target: float
     sparsity_achieved: float
@@ -98,36 +118,46 @@ class PruneReport:
 
     def format_table(self) -> str:
         """Per-layer table plus totals, for humans."""
-        header = ("layer", "op", "weight shape", "params", "kept", "sparsity", "s mean", "s max", "bound")
+        header: tuple[str, ...] = (
+            "layer",
+            "op",
+            "weight shape",
+            "params",
+            "kept",
+            "sparsity",
+            "s mean",
+            "s max",
+            "bound",
+        )
+        refit = any(layer.refit is not None for layer in self.layers)
+        if refit:
+            header += ("out err",)
         rows = [header]
         for layer in self.layers:
             s = layer.sensitivity
-            rows.append(
-                (
-                    ",".join(layer.nodes),
-                    layer.op_type,
-                    "x".join(str(d) for d in layer.shape),
-                    f"{layer.params:,}",
-                    f"{layer.kept:,}",
-                    f"{layer.sparsity:.1%}",
-                    f"{s.mean:.2e}" if s else "-",
-                    f"{s.max:.2e}" if s else "-",
-                    f"{layer.bound:.3g}" if layer.bound is not None else "-",
-                )
+            row: tuple[str, ...] = (
+                ",".join(layer.nodes),
+                layer.op_type,
+                "x".join(str(d) for d in layer.shape),
+                f"{layer.params:,}",
+                f"{layer.kept:,}",
+                f"{layer.sparsity:.1%}",
+                f"{s.mean:.2e}" if s else "-",
+                f"{s.max:.2e}" if s else "-",
+                f"{layer.bound:.3g}" if layer.bound is not None else "-",
             )
-        rows.append(
-            (
-                "total",
-                "",
-                "",
-                f"{self.params_total:,}",
-                f"{self.params_kept:,}",
-                f"{self.sparsity_achieved:.1%}",
-                "",
-                "",
-                "",
-            )
+            if refit:
+                row += (_refit_cell(layer.refit),)
+            rows.append(row)
+        total = (
+            "total",
+            "",
+            "",
+            f"{self.params_total:,}",
+            f"{self.params_kept:,}",
+            f"{self.sparsity_achieved:.1%}",
         )
+        rows.append(total + ("",) * (len(header) - len(total)))
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(header))]
         lines = []
         for i, row in enumerate(rows):
@@ -139,6 +169,13 @@ class PruneReport:
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
         return "\n".join(lines)
+
+
+def _refit_cell(refit: RefitReport | None) -> str:
+    """'before -> after' relative output error of a refitted layer, or why there is none."""
+    if refit is None or refit.error_before is None or refit.error_after is None:
+        return "-" if refit is None else refit.how
+    return f"{refit.error_before:.3f} -> {refit.error_after:.3f}"
 
 
 def _clean(value: Any) -> Any:

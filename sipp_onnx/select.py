@@ -343,8 +343,13 @@ def select(
     weights: Sequence[WeightScores], method: str, sparsity: float, seed: int = 0
 ) -> list[SelectedWeight]:
     """Prune all `weights` together to `sparsity` with `method` (a `Method` value)."""
-    total = sum(w.rows.size for w in weights)
-    keep = budget(total, sparsity)
+    return select_count(weights, method, budget(sum(w.rows.size for w in weights), sparsity), seed)
+
+
+def select_count(
+    weights: Sequence[WeightScores], method: str, keep: int, seed: int = 0
+) -> list[SelectedWeight]:
+    """Keep `keep` weights of all `weights` together with `method` (a `Method` value)."""
     if method == "sipp-det":
         return select_global(weights, keep, by="sensitivity")
     if method == "magnitude":

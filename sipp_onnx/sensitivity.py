@@ -44,6 +44,10 @@ class LayerStatistics:
     """Calibration points seen (rows/tokens, or sample-patches for Conv)."""
     patches_per_sample: int
     """L: output positions per sample for Conv, 1 for Gemm/MatMul."""
+    gram: np.ndarray | None = None
+    """`[G, K, K]` float64 sum over points of `x x^T` per group (only when asked: the refit)."""
+    input_sum: np.ndarray | None = None
+    """`[G, K]` float64 sum over points of `x` per group (with `gram`)."""
 
 
 def reciprocal(z: np.ndarray) -> np.ndarray:
@@ -101,7 +105,13 @@ class _Accumulator:
     """
 
     def __init__(
-        self, rows: np.ndarray, groups: int, reduction: str, compute_sensitivity: bool, terms: str = "signed"
+        self,
+        rows: np.ndarray,
+        groups: int,
+        reduction: str,
+        compute_sensitivity: bool,
+        terms: str = "signed",
+        gram: bool = False,
     ) -> None:
         rows = np.asarray(rows, dtype=np.float32)
         n_out, k = rows.shape
@@ -127,6 +137,8 @@ class _Accumulator:
                 (np.minimum(grouped, 0), np.zeros(grouped.shape, dtype=dtype)),
             ]
         self._sqnorm = np.zeros((groups, k), dtype=np.float64)
+        self._gram = np.zeros((groups, k, k), dtype=np.float64) if gram else None
+        self._sum = np.zeros((groups, k), dtype=np.float64) if gram else None
         self.points = 0
         self.patches_per_sample = 1
 
@@ -137,6 +149,10 @@ class _Accumulator:
         self.points += batch * n_points
         self.patches_per_sample = n_points
         self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
+        if self._gram is not None and self._sum is not None:
+            points = patches.transpose(1, 2, 0, 3).reshape(groups, d, -1).astype(np.float64)
+            self._gram += np.matmul(points, points.transpose(0, 2, 1))
+            self._sum += points.sum(axis=2)
         if not self.compute_sensitivity:
             return
         inputs = _absolute_samples(patches) if self.terms == "absolute" else _sample_parts(patches)
@@ -168,7 +184,7 @@ class _Accumulator:
             sqnorm = np.broadcast_to(self._sqnorm[0], (n_out, k))
         else:
             sqnorm = np.repeat(self._sqnorm, n_out // self.groups, axis=0)
-        return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample)
+        return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum)
 
 
 def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
@@ -214,8 +230,9 @@ class DenseAccumulator(_Accumulator):
         compute_sensitivity: bool = True,
         reduction: str = "max",
         terms: str = "signed",
+        gram: bool = False,
     ) -> None:
-        super().__init__(rows, 1, reduction, compute_sensitivity, terms)
+        super().__init__(rows, 1, reduction, compute_sensitivity, terms, gram)
         self.transpose_input = transpose_input
 
     def update(self, x: np.ndarray) -> None:
@@ -241,8 +258,9 @@ class ConvAccumulator(_Accumulator):
         reduction: str = "mean",
         compute_sensitivity: bool = True,
         terms: str = "signed",
+        gram: bool = False,
     ) -> None:
-        super().__init__(rows, geom.group, reduction, compute_sensitivity, terms)
+        super().__init__(rows, geom.group, reduction, compute_sensitivity, terms, gram)
         self.geom = geom
 
     def update(self, x: np.ndarray) -> None:

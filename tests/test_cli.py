@@ -92,6 +92,8 @@ def test_prune_each_method(method: str, mlp_files, tmp_path: Path, cli, cuda_usa
         "0.7",
         "--seed",
         "3",
+        "--refit",
+        "none",
         "--report",
         report_path,
     )

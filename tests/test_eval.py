@@ -140,3 +140,18 @@ def test_prune_then_eval_on_shipped_models(tmp_path, name):
     doc = json.loads(result.stdout)
     assert doc["model"]["samples"] == 400 and doc["model"]["accuracy"] >= 0.95
     assert 0 < doc["compare"]["top1_agreement"] <= 1 and doc["compare"]["rel_l2_error"] > 0
+
+
+@pytest.mark.parametrize("name", ["lenet300", "cnn", "tokens"])
+def test_default_prune_at_half_sparsity_loses_at_most_one_point(tmp_path, name):
+    """Issue 3's bar, end to end through the CLI: the default method at --sparsity 0.5."""
+    out = tmp_path / f"{name}.pruned.onnx"
+    runner = CliRunner()
+    args = ["prune", f"models/{name}.onnx", f"models/{name}_calib.npz", "-o", str(out), "-q"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["eval", f"models/{name}.onnx", f"models/{name}_test.npz", "--compare", str(out), "--max-drop", "1"],
+    )
+    assert result.exit_code == 0, result.output

@@ -56,7 +56,9 @@ def test_single_gemm_det_keeps_exactly_the_top_sensitivities(tmp_path):
     # Non-negative, continuous inputs: no ties among the sensitivities, so "the top 40 %" is exact.
     x = gaussian_calibration((10,), n=12, nonneg=True)
     result = prune_model(
-        model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed")
+        model,
+        {"x": x},
+        PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none"),
     )
     w = numpy_helper.to_array(init_map(model)["W"])
     new = numpy_helper.to_array(init_map(result.model)["W"])
@@ -113,7 +115,7 @@ def test_everything_but_pruned_weights_is_preserved(tmp_path):
     onnx.save_model(model, str(src))
     before = sha(src)
     out = tmp_path / "out.onnx"
-    prune_model(src, {"x": gaussian_calibration((20,))}, PruneConfig(sparsity=0.5), output=out)
+    prune_model(src, {"x": gaussian_calibration((20,))}, PruneConfig(sparsity=0.5, refit="none"), output=out)
     assert sha(src) == before
     pruned = onnx.load(str(out))
     onnx.checker.check_model(pruned, full_check=True)
@@ -182,7 +184,9 @@ def test_shared_weight_uses_the_max_sensitivity_over_its_uses():
     model = finish(nodes, [value("x", ["b", 5])], [value("y", ["b", 5])], [tensor("W", w)])
     x = gaussian_calibration((5,), n=6)
     result = prune_model(
-        model, {"x": x}, PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed")
+        model,
+        {"x": x},
+        PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none"),
     )
     assert [layer.nodes for layer in result.report.layers] == [("m1", "m2")]
     h = np.maximum(x @ w, 0)
@@ -257,7 +261,9 @@ def test_recommended_samples_matches_spec_for_lenet300():
 
 def test_magnitude_needs_no_capture():
     result = prune_model(
-        mlp(), {"x": gaussian_calibration((20,), n=4)}, PruneConfig(sparsity=0.5, method="magnitude")
+        mlp(),
+        {"x": gaussian_calibration((20,), n=4)},
+        PruneConfig(sparsity=0.5, method="magnitude", refit="none"),
     )
     assert "capture" not in result.report.timings
     assert result.report.layers[0].sensitivity is None

@@ -5,8 +5,9 @@
 Prunes each `models/NAME.onnx` with its `NAME_calib.npz` and evaluates the result on
 `NAME_test.npz` (400 labelled images; one image is 0.25 points). Prints a Markdown table and,
 with --write-readme, replaces the "## Pruning results" section of models/README.md with it.
-The variants are every method with its default reduction, plus the SiPP reductions of the spec
-(max, mean) so their effect is visible.
+The variants are every method with and without the OBS refit, the bias refit and --sequential
+on the default, and the SiPP reductions and terms of the spec (mask only) so their effect is
+visible.
 """
 
 from __future__ import annotations
@@ -23,19 +24,25 @@ from sipp_onnx import PruneConfig, __version__, prune_model
 from sipp_onnx.evaluate import evaluate
 
 MODELS = ("lenet300", "cnn", "tokens")
-# (method, reduction, terms); the defaults first, then the spec's variants.
+# (method, reduction, terms, refit, sequential); the default first, then the alternatives.
 VARIANTS = (
-    ("sipp-hybrid", "max", "absolute"),
-    ("sipp-det", "max", "absolute"),
-    ("sipp-rand", "max", "absolute"),
-    ("sipp-det", "mean", "absolute"),
-    ("sipp-hybrid", "expected", "absolute"),
-    ("sipp-det", "max", "signed"),
-    ("sipp-det", "mean", "signed"),
-    ("sipp-hybrid", "max", "signed"),
-    ("sipp-rand", "max", "signed"),
-    ("magnitude", "max", "absolute"),
-    ("wanda", "max", "absolute"),
+    ("sipp-hybrid", "max", "absolute", "obs", False),
+    ("sipp-hybrid", "max", "absolute", "obs", True),
+    ("sipp-hybrid", "max", "absolute", "bias", False),
+    ("sipp-hybrid", "max", "absolute", "none", False),
+    ("sipp-det", "max", "absolute", "obs", False),
+    ("sipp-det", "max", "absolute", "none", False),
+    ("sipp-rand", "max", "absolute", "obs", False),
+    ("sipp-rand", "max", "absolute", "none", False),
+    ("sipp-det", "mean", "absolute", "none", False),
+    ("sipp-hybrid", "expected", "absolute", "none", False),
+    ("sipp-det", "max", "signed", "none", False),
+    ("sipp-det", "mean", "signed", "none", False),
+    ("sipp-hybrid", "max", "signed", "none", False),
+    ("magnitude", "max", "absolute", "obs", False),
+    ("magnitude", "max", "absolute", "none", False),
+    ("wanda", "max", "absolute", "obs", False),
+    ("wanda", "max", "absolute", "none", False),
 )
 
 
@@ -45,11 +52,17 @@ def run(models_dir: Path, sparsities: list[float], seed: int, variants) -> list[
         model = models_dir / f"{name}.onnx"
         calib, test = models_dir / f"{name}_calib.npz", models_dir / f"{name}_test.npz"
         dense = evaluate(model, test).model.accuracy
-        for method, reduction, terms in variants:
+        for method, reduction, terms, refit, sequential in variants:
             accs = []
             for sparsity in sparsities:
                 config = PruneConfig(
-                    sparsity=sparsity, method=method, reduction=reduction, terms=terms, seed=seed
+                    sparsity=sparsity,
+                    method=method,
+                    reduction=reduction,
+                    terms=terms,
+                    refit=refit,
+                    sequential=sequential,
+                    seed=seed,
                 )
                 result = prune_model(model, calib, config)
                 accs.append(evaluate(model, test, compare=result.model).compare.accuracy)
@@ -60,11 +73,13 @@ def run(models_dir: Path, sparsities: list[float], seed: int, variants) -> list[
                     "method": method,
                     "reduction": reduction,
                     "terms": terms,
+                    "refit": refit + (" +seq" if sequential else ""),
                     "acc": accs,
                 }
             )
             print(
-                f"{name:<9} {method:<12} {reduction:<8} " + " ".join(f"{a * 100:5.1f}" for a in accs),
+                f"{name:<9} {method:<12} {reduction:<8} {terms:<8} {rows[-1]['refit']:<8} "
+                + " ".join(f"{a * 100:5.1f}" for a in accs),
                 file=sys.stderr,
             )
     return rows
@@ -72,23 +87,28 @@ def run(models_dir: Path, sparsities: list[float], seed: int, variants) -> list[
 
 def markdown(rows: list[dict], sparsities: list[float], seconds: float) -> str:
     head = (
-        "| model (dense) | method | reduction | terms | " + " | ".join(f"{s:.0%}" for s in sparsities) + " |"
+        "| model (dense) | method | reduction | terms | refit | "
+        + " | ".join(f"{s:.0%}" for s in sparsities)
+        + " |"
     )
     lines = [
         "Test accuracy (%) after pruning to each sparsity; produced by `python tools/reference_results.py "
         f"--write-readme` (sipp-onnx {__version__}, {platform.machine()}, {seconds:.0f} s). "
-        "The default (sipp-hybrid, max, absolute) comes first, then the other SiPP variants and "
-        "the spec's signed terms; reduction and terms do not apply to magnitude and wanda. See "
-        "docs/algorithm.md for what they mean. 400 test images: 0.25 points each.",
+        "The default (sipp-hybrid, max, absolute, refit obs) comes first, then the other SiPP "
+        "variants, with and without refit, and the spec's signed terms; reduction and terms do not "
+        "apply to magnitude and wanda. '+seq' is --sequential. See docs/algorithm.md for what they "
+        "mean. 400 test images: 0.25 points each.",
         "",
         head,
-        "|" + "---|" * (4 + len(sparsities)),
+        "|" + "---|" * (5 + len(sparsities)),
     ]
     for r in rows:
         cells = " | ".join(f"{a * 100:.1f}" for a in r["acc"])
         sipp = r["method"].startswith("sipp")
         how = f"{r['reduction']} | {r['terms']}" if sipp else "- | -"
-        lines.append(f"| {r['model']} ({r['dense'] * 100:.2f}) | {r['method']} | {how} | {cells} |")
+        lines.append(
+            f"| {r['model']} ({r['dense'] * 100:.2f}) | {r['method']} | {how} | {r['refit']} | {cells} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -101,13 +121,18 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--write-readme", action="store_true")
     parser.add_argument(
-        "--variants", default=None, help="method:reduction:terms,... instead of the standard set"
+        "--variants",
+        default=None,
+        help="method:reduction:terms:refit[:seq],... instead of the standard set",
     )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     t0 = time.perf_counter()
-    variants = [tuple(v.split(":")) for v in args.variants.split(",")] if args.variants else VARIANTS
+    variants = VARIANTS
+    if args.variants:
+        parts = [v.split(":") for v in args.variants.split(",")]
+        variants = tuple((p[0], p[1], p[2], p[3], len(p) > 4 and p[4] == "seq") for p in parts)
     rows = run(args.models, sparsities, args.seed, variants)
     table = markdown(rows, sparsities, time.perf_counter() - t0)
     print(table)

@@ -1,0 +1,166 @@
+"""The refit maths (sipp_onnx/refit.py) against direct least squares, and its guarantees."""
+
+import numpy as np
+import pytest
+from builders import gaussian_calibration
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from naive import naive_patches
+
+from sipp_onnx.layers import ConvGeometry
+from sipp_onnx.refit import damped, refit_layer, solve_exact, solve_sweep
+from sipp_onnx.sensitivity import ConvAccumulator, DenseAccumulator
+
+
+def problem(n=6, k=9, points=40, keep_frac=0.5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(points, k)) + 0.3  # non-zero mean: the bias refit has work to do
+    w0 = rng.normal(size=(n, k))
+    keep = rng.random((n, k)) < keep_frac
+    keep[0] = True  # a row with nothing pruned
+    keep[1] = False  # a row with nothing kept
+    return x, w0, keep
+
+
+def lstsq_rows(x, w0, keep):
+    """Per row: argmin ||x[:, S] v - x w0_i|| over the kept columns S (numpy's lstsq)."""
+    out = np.zeros_like(w0)
+    for i in range(w0.shape[0]):
+        s = np.flatnonzero(keep[i])
+        if s.size:
+            out[i, s] = np.linalg.lstsq(x[:, s], x @ w0[i], rcond=None)[0]
+    return out
+
+
+def layer_error(x, w0, w, shift=None):
+    """Relative L2 error of the layer output on the points, by direct evaluation."""
+    y0 = x @ w0.T
+    y = x @ w.T + (0 if shift is None else shift[None, :])
+    return np.linalg.norm(y - y0) / np.linalg.norm(y0)
+
+
+def test_exact_solve_is_the_least_squares_solution():
+    x, w0, keep = problem()
+    got = solve_exact(w0, keep, x.T @ x)
+    np.testing.assert_allclose(got, lstsq_rows(x, w0, keep), atol=1e-8)
+    assert np.all(got[~keep] == 0)
+    np.testing.assert_array_equal(got[0], w0[0])
+
+
+def test_refit_layer_exact_matches_lstsq_and_reports_the_true_errors():
+    x, w0, keep = problem(seed=3)
+    masked = np.where(keep, w0, 0.0)
+    out = refit_layer(w0, masked, (x.T @ x)[None], x.sum(0)[None], len(x), bias=False, damp=0.0)
+    assert out.solver == "exact"
+    np.testing.assert_allclose(out.rows, lstsq_rows(x, w0, keep), atol=1e-8)
+    assert out.error_before == pytest.approx(layer_error(x, w0, masked), rel=1e-9)
+    assert out.error_after == pytest.approx(layer_error(x, w0, out.rows), rel=1e-9)
+    assert out.error_after < out.error_before
+
+
+def test_sweep_is_exact_when_pruned_weights_come_first():
+    """With every pruned weight left of every kept one, each pruned weight's error is spread over
+    all the kept ones (the sweep compensates to the right), so each step is an exact OBS update
+    and the sweep equals the least-squares solution."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 8))
+    w0 = rng.normal(size=(4, 8))
+    keep = np.zeros((4, 8), dtype=bool)
+    keep[:, 3:] = True
+    h = x.T @ x
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3), lstsq_rows(x, w0, keep), atol=1e-8)
+
+
+def test_sweep_blocks_do_not_change_the_result():
+    x, w0, keep = problem(n=5, k=20, points=80, seed=7)
+    h = damped(x.T @ x)
+    one = solve_sweep(w0, keep, h, block=20)
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3), one, atol=1e-9)
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=7), one, atol=1e-9)
+    assert np.all(one[~keep] == 0)
+
+
+def test_bias_refit_restores_the_output_mean():
+    x, w0, keep = problem(seed=11)
+    masked = np.where(keep, w0, 0.0)
+    out = refit_layer(w0, masked, (x.T @ x)[None], x.sum(0)[None], len(x), weights=False, bias=True)
+    np.testing.assert_array_equal(out.rows, masked)
+    assert out.solver == "none" and out.rows_refitted == 0
+    np.testing.assert_allclose((x @ out.rows.T + out.bias_shift).mean(0), (x @ w0.T).mean(0), atol=1e-9)
+    assert out.error_after == pytest.approx(layer_error(x, w0, masked, out.bias_shift), rel=1e-9)
+    assert out.error_after <= out.error_before
+
+
+def test_grouped_rows_use_their_own_group_statistics():
+    rng = np.random.default_rng(2)
+    xs = [rng.normal(size=(30, 5)) + g for g in range(2)]
+    w0 = rng.normal(size=(6, 5))
+    keep = rng.random((6, 5)) < 0.5
+    gram = np.stack([x.T @ x for x in xs])
+    sums = np.stack([x.sum(0) for x in xs])
+    out = refit_layer(w0, np.where(keep, w0, 0.0), gram, sums, 30, bias=False, damp=0.0)
+    np.testing.assert_allclose(out.rows[:3], lstsq_rows(xs[0], w0[:3], keep[:3]), atol=1e-8)
+    np.testing.assert_allclose(out.rows[3:], lstsq_rows(xs[1], w0[3:], keep[3:]), atol=1e-8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    n=st.integers(1, 6),
+    k=st.integers(1, 12),
+    points=st.integers(1, 30),
+    keep_frac=st.floats(0.0, 1.0),
+    sweep=st.booleans(),
+    bias=st.booleans(),
+    dead=st.booleans(),
+)
+def test_refit_never_increases_the_calibration_error(seed, n, k, points, keep_frac, sweep, bias, dead):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(points, k)) * rng.uniform(0.01, 10, size=k)
+    if dead:
+        x[:, 0] = 0.0  # an input that never fires
+    w0 = rng.normal(size=(n, k))
+    masked = np.where(rng.random((n, k)) < keep_frac, w0, 0.0)
+    out = refit_layer(
+        w0, masked, (x.T @ x)[None], x.sum(0)[None], points, bias=bias, exact_flops=-1 if sweep else 1e12
+    )
+    assert np.all(out.rows[masked == 0] == 0)  # the mask is kept
+    assert np.all(np.isfinite(out.rows))
+    direct_before = layer_error(x, w0, masked) if np.any(x @ w0.T) else 0.0
+    direct_after = layer_error(x, w0, out.rows, out.bias_shift) if np.any(x @ w0.T) else 0.0
+    assert direct_after <= direct_before * (1 + 1e-9) + 1e-12
+    assert out.error_after <= out.error_before * (1 + 1e-12) + 1e-15
+
+
+def test_dense_accumulator_gram_sums_every_token():
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(4, 6)).astype(np.float32)
+    acc = DenseAccumulator(rows, gram=True)
+    batches = [rng.normal(size=(3, 5, 6)).astype(np.float32) for _ in range(2)]
+    for b in batches:
+        acc.update(b)
+    tokens = np.concatenate([b.reshape(-1, 6) for b in batches]).astype(np.float64)
+    stats = acc.result()
+    np.testing.assert_allclose(stats.gram[0], tokens.T @ tokens, rtol=1e-5)
+    np.testing.assert_allclose(stats.input_sum[0], tokens.sum(0), rtol=1e-5)
+
+
+def test_conv_accumulator_gram_matches_naive_patches():
+    rng = np.random.default_rng(1)
+    geom = ConvGeometry((3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 2)
+    rows = rng.normal(size=(4, 2 * 9)).astype(np.float32)  # 4 out channels, 4 in channels, group 2
+    x = rng.normal(size=(3, 4, 6, 5)).astype(np.float32)
+    acc = ConvAccumulator(rows, geom, reduction="max", gram=True)
+    acc.update(x)
+    stats = acc.result()
+    patches = naive_patches(x, (3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 2)
+    for g in range(2):
+        pts = np.concatenate([patches[b, g].T for b in range(3)])  # [B*L, d]
+        np.testing.assert_allclose(stats.gram[g], pts.T @ pts, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(stats.input_sum[g], pts.sum(0), rtol=1e-4, atol=1e-4)
+
+
+def test_gram_is_not_kept_unless_asked():
+    acc = DenseAccumulator(np.ones((2, 3), dtype=np.float32))
+    acc.update(gaussian_calibration((3,), n=4))
+    assert acc.result().gram is None and acc.result().input_sum is None
