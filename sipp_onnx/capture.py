@@ -31,7 +31,7 @@ Progress = Callable[[str, int, int], None]
 class Accumulator(Protocol):
     """What capture needs of a per-layer statistic (see sensitivity.py)."""
 
-    def update(self, x: np.ndarray) -> None: ...
+    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,13 @@ def capture(
     batch_size: int,
     provider: Provider,
     progress: Progress | None = None,
+    mask_input: str | None = None,
 ) -> CaptureResult:
-    """Run `model` over `data`, feeding input tensor `name` of every batch to `accumulators[name]`."""
+    """Run `model` over `data`, feeding input tensor `name` of every batch to `accumulators[name]`.
+
+    With `mask_input` (a graph input such as `attention_mask`), each batch's mask goes along, so
+    padding tokens are not counted as calibration points.
+    """
     graph_inputs = {i.name for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     wanted = [name for name in accumulators if name not in graph_inputs]
@@ -84,10 +89,11 @@ def capture(
         if index == 0:
             first_feed = {k: v.copy() for k, v in feed.items()}
             first_outputs = {k: values[k] for k in outputs}
+        mask = feed.get(mask_input) if mask_input is not None else None
         for name, accs in accumulators.items():
             x = feed[name] if name in graph_inputs else values[name]
             for acc in accs:
-                acc.update(x)
+                acc.update(x, mask)
         del values
         stats_s += time.perf_counter() - t1
         run_s += t1 - t0

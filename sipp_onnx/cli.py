@@ -22,6 +22,7 @@ from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
 from .modelio import check_output_path
 from .pipeline import prune_model
+from .sweep import SweepPoint, Variant, sweep, write_sweep
 
 
 def _run(action: Callable[[], Any]) -> Any:
@@ -137,6 +138,13 @@ def main() -> None:
     help="Measure each layer on the outputs of the already pruned earlier layers "
     "(one calibration pass per layer depth).",
 )
+@click.option(
+    "--mask-input",
+    default="auto",
+    show_default=True,
+    help="Input marking padding tokens with 0 (e.g. attention_mask); padding is not calibration data. "
+    "auto: detect by name; none: off.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
 @click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per ONNX Runtime run.")
@@ -181,6 +189,7 @@ def prune(
     terms: str,
     refit: str,
     sequential: bool,
+    mask_input: str,
     seed: int,
     max_samples: int | None,
     batch_size: int,
@@ -204,6 +213,7 @@ def prune(
             terms=Terms(terms),
             refit=Refit(refit),
             sequential=sequential,
+            mask_input=mask_input,
             seed=seed,
             max_samples=max_samples,
             batch_size=batch_size,
@@ -239,6 +249,8 @@ def prune(
         )
         if report.provider:
             calib = f"{report.samples} calibration samples"
+            if report.mask_input:
+                calib += f", padding masked by {report.mask_input!r}"
             if report.recommended_samples:
                 calib += f" (recommended >= {report.recommended_samples})"
             click.echo(f"provider: {report.provider}; {calib}")
@@ -357,3 +369,132 @@ def _format_eval(report: EvalReport) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+@main.command("sweep")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("calibration", type=click.Path(path_type=Path))
+@click.argument("evaluation", type=click.Path(path_type=Path))
+@click.option(
+    "--methods",
+    default="sipp-hybrid,magnitude,wanda",
+    show_default=True,
+    help="Comma-separated METHOD or METHOD+REFIT (e.g. sipp-hybrid+none,magnitude+obs); a bare "
+    "METHOD uses --refit.",
+)
+@click.option("--sparsities", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated targets.")
+@click.option(
+    "--refit",
+    type=click.Choice([r.value for r in Refit]),
+    default=PruneConfig.refit.value,
+    show_default=True,
+    help="Refit of the methods given without one.",
+)
+@click.option(
+    "--reduction",
+    type=click.Choice([r.value for r in Reduction]),
+    default=PruneConfig.reduction.value,
+    show_default=True,
+)
+@click.option(
+    "--terms", type=click.Choice([t.value for t in Terms]), default=PruneConfig.terms.value, show_default=True
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["accuracy", "top1_agreement", "cosine"]),
+    default=None,
+    help="[default: accuracy with labels, else top-1 agreement for classifiers, else cosine]",
+)
+@click.option("--labels", "labels_key", default="labels", show_default=True, help="Key of the labels array.")
+@click.option("--output", "output_name", default=None, help="Model output to score [default: the first].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--provider", type=click.Choice([p.value for p in Provider]), default="auto", show_default=True)
+@click.option("--exclude", multiple=True, metavar="REGEX", help="As for prune.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Directory for sweep.json/csv/png.",
+)
+@click.option("--mask-input", default="auto", show_default=True, help="As for prune.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress; the table only.")
+def sweep_command(
+    model: Path,
+    calibration: Path,
+    evaluation: Path,
+    methods: str,
+    sparsities: str,
+    refit: str,
+    reduction: str,
+    terms: str,
+    metric: str | None,
+    labels_key: str,
+    output_name: str | None,
+    seed: int,
+    max_samples: int | None,
+    batch_size: int,
+    provider: str,
+    exclude: tuple[str, ...],
+    mask_input: str,
+    out_dir: Path,
+    quiet: bool,
+) -> None:
+    """Prune MODEL at every sparsity with every method; evaluate each result on EVALUATION.
+
+    One calibration pass serves every point. Writes OUT/sweep.json, sweep.csv and sweep.png.
+    """
+    _setup_logging(False, quiet)
+
+    def body() -> None:
+        variants = [Variant.parse(m, Refit(refit)) for m in methods.split(",") if m.strip()]
+        try:
+            targets = [float(s) for s in sparsities.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
+        config = PruneConfig(
+            reduction=Reduction(reduction),
+            terms=Terms(terms),
+            seed=seed,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            provider=Provider(provider),
+            exclude=exclude,
+            mask_input=mask_input,
+        )
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"--out {str(out_dir)!r} exists and is not a directory")
+        total = len(variants) * len(targets)
+        done = [0]
+        progress = _Progress(not quiet)
+
+        def point_done(point: SweepPoint) -> None:
+            done[0] += 1
+            progress("sweep", done[0], total)
+
+        result = sweep(
+            model,
+            calibration,
+            evaluation,
+            variants,
+            targets,
+            config,
+            metric=metric,
+            labels_key=labels_key,
+            output_name=output_name,
+            progress=progress,
+            point_done=point_done,
+        )
+        written = write_sweep(result, out_dir)
+        click.echo(result.format_table())
+        click.echo(
+            f"{result.calibration_passes} calibration pass ({result.prepare_seconds:.2f}s) for "
+            f"{len(result.points)} points"
+        )
+        if not any(p.name == "sweep.png" for p in written):
+            click.echo("no plot: matplotlib is not installed (pip install 'sipp-onnx[plot]')")
+        click.echo("wrote " + ", ".join(str(p) for p in written))
+
+    _run(body)

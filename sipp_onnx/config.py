@@ -87,6 +87,10 @@ class PruneConfig:
     """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
     one more calibration pass per layer depth, so later layers compensate earlier errors."""
     seed: int = 0
+    mask_input: str = "auto"
+    """Graph input that marks real tokens (non-zero) and padding (0), `[batch, seq]`: padding
+    positions are not calibration points. 'auto' takes an integer/bool rank-2 input named like
+    `attention_mask`; 'none' turns this off."""
     max_samples: int | None = None
     batch_size: int = 32
     provider: Provider = Provider.AUTO
@@ -118,6 +122,8 @@ class PruneConfig:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        if not isinstance(self.mask_input, str) or not self.mask_input:
+            raise ConfigError(f"mask_input must be 'auto', 'none' or an input name, got {self.mask_input!r}")
         object.__setattr__(self, "exclude", tuple(self.exclude))
         for pattern in self.exclude:
             try:

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper, helper, numpy_helper
 
-from .errors import ModelError, OutputError
+from .errors import ConfigError, ModelError, OutputError
 from .layers import BiasSlot
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,31 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             InputSpec(value.name, np_dtype(tensor_type.elem_type), tuple(dims), value.name in initializers)
         )
     return specs
+
+
+MASK_NAMES = ("attention_mask", "input_mask", "padding_mask", "mask")
+
+
+def resolve_mask_input(inputs: list[InputSpec], option: str) -> str | None:
+    """The graph input that masks padding tokens: `option` 'none', 'auto' (by name), or a name."""
+    if option == "none":
+        return None
+    if option == "auto":
+        for spec in inputs:
+            lowered = spec.name.lower()
+            named = lowered in MASK_NAMES or "attention_mask" in lowered
+            if named and len(spec.shape) == 2 and spec.dtype.kind in "iub":
+                return spec.name
+        return None
+    spec_by_name = {spec.name: spec for spec in inputs}
+    if option not in spec_by_name:
+        names = ", ".join(spec_by_name) or "none"
+        raise ConfigError(f"mask input {option!r} is not a model input (inputs: {names})")
+    if len(spec_by_name[option].shape) != 2:
+        raise ConfigError(
+            f"mask input {option!r} must be [batch, sequence], got {spec_by_name[option].describe()}"
+        )
+    return option
 
 
 def external_tensor_names(model: onnx.ModelProto) -> frozenset[str]:

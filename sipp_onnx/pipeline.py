@@ -21,7 +21,7 @@ from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
 from .config import Method, Provider, PruneConfig, Refit
 from .discover import discover
-from .errors import ModelError, NoPrunableLayersError
+from .errors import ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .modelio import (
     check_output_path,
@@ -30,6 +30,7 @@ from .modelio import (
     load_model,
     model_inputs,
     read_tensor,
+    resolve_mask_input,
     save_model_atomic,
     shift_bias,
     tensor_protos,
@@ -67,11 +68,11 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
     return math.ceil(3.0 * math.log(8.0 * eta * eta_max / DELTA))
 
 
-def _accumulator(layer: Layer, weight: np.ndarray, config: PruneConfig) -> DenseAccumulator | ConvAccumulator:
+def _accumulator(
+    layer: Layer, weight: np.ndarray, config: PruneConfig, sensitivity: bool, gram: bool
+) -> DenseAccumulator | ConvAccumulator:
     rows = to_rows(weight, layer.layout)
     reduction = config.reduction.value
-    sensitivity = config.method not in (Method.WANDA, Method.MAGNITUDE)
-    gram = config.refit is not Refit.NONE
     if layer.conv is not None:
         return ConvAccumulator(rows, layer.conv, reduction, sensitivity, config.terms.value, gram)
     return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, config.terms.value, gram)
@@ -107,6 +108,32 @@ def _outputs_match(
     return checks
 
 
+@dataclass
+class Prepared:
+    """A loaded model with its calibration statistics: everything `apply` needs to prune it at
+    any sparsity, with any method the statistics allow, without another calibration pass."""
+
+    source: str | Path | onnx.ModelProto
+    proto: onnx.ModelProto
+    """The original model (external data loaded); `apply` works on a copy."""
+    model_path: Path | None
+    external: frozenset[str]
+    found: Discovery
+    weights: dict[str, np.ndarray]
+    stats: dict[str, LayerStatistics]
+    data: CalibrationData
+    samples: int
+    provider: str
+    feed: dict[str, np.ndarray]
+    reference: dict[str, np.ndarray]
+    config: PruneConfig
+    """The configuration the statistics were measured for (reduction, terms, refit statistics)."""
+    has_sensitivity: bool
+    has_gram: bool
+    timings: dict[str, float]
+    mask_input: str | None = None
+
+
 def prune_model(
     model: str | Path | onnx.ModelProto,
     calibration: str | Path | Mapping[str, np.ndarray],
@@ -123,7 +150,28 @@ def prune_model(
     Raises a `SippError` subclass for any problem with the inputs.
     """
     config = config or PruneConfig()
-    timings: dict[str, float] = {}
+    if output is not None and not isinstance(model, onnx.ModelProto):
+        check_output_path(Path(model), Path(output), overwrite, False)  # fail before the long part
+    prepared = prepare(model, calibration, config, progress)
+    return apply(prepared, config, output=output, overwrite=overwrite, progress=progress)
+
+
+def prepare(
+    model: str | Path | onnx.ModelProto,
+    calibration: str | Path | Mapping[str, np.ndarray],
+    config: PruneConfig,
+    progress: Progress | None = None,
+    *,
+    sensitivity: bool | None = None,
+    gram: bool | None = None,
+    statistics: bool | None = None,
+) -> Prepared:
+    """Load, discover and run the calibration pass once.
+
+    By default the pass measures what `config` needs; `sensitivity` and `gram` force the SiPP
+    sensitivities and the refit statistics on or off, `statistics` the pass itself (Wanda's input
+    norms need it alone). A sweep asks for everything its methods need at once.
+    """
     t0 = time.perf_counter()
     model_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     if model_path is not None:
@@ -134,21 +182,26 @@ def prune_model(
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         external = frozenset()
-    out_path = Path(output) if output is not None else None
-    if out_path is not None:
-        check_output_path(model_path, out_path, overwrite, bool(external))
     found = discover(proto, config.op_types, config.exclude)
     if not found.weights:
         raise NoPrunableLayersError(_no_layers_message(found))
-    data = open_calibration(calibration, model_inputs(proto), config.max_samples)
+    inputs = model_inputs(proto)
+    data = open_calibration(calibration, inputs, config.max_samples)
+    mask_input = resolve_mask_input(inputs, config.mask_input)
+    if mask_input is not None and config.mask_input == "auto":
+        log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
     protos = tensor_protos(proto)
     base_dir = str(model_path.parent) if model_path is not None else None
     weights = {w.name: read_tensor(protos[w.name], base_dir).astype(np.float32) for w in found.weights}
-    timings["load"] = time.perf_counter() - t0
+    timings = {"load": time.perf_counter() - t0}
 
-    measure = config.method is not Method.MAGNITUDE or config.refit is not Refit.NONE
-    if measure and config.sparsity > 0:
-        stats, captured = _calibrate(proto, found, weights, data, config, progress)
+    want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
+    want_gram = gram if gram is not None else config.refit is not Refit.NONE
+    measure = statistics if statistics is not None else config.method is Method.WANDA
+    if (want_sens or want_gram or measure) and config.sparsity > 0:
+        stats, captured = _calibrate(
+            proto, found, weights, data, config, progress, want_sens, want_gram, mask_input
+        )
         timings["capture"] = captured.run_seconds
         timings["sensitivity"] = captured.stats_seconds
         feed, reference, provider, samples = (
@@ -158,10 +211,55 @@ def prune_model(
             captured.samples,
         )
     else:  # nothing to measure; still run the original once, to verify the result against it
+        want_sens = want_gram = False
         stats, samples = {}, 0
         feed = next(data.batches(config.batch_size))
         session, provider = make_session(proto, config.provider)
         reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+    return Prepared(
+        model,
+        proto,
+        model_path,
+        external,
+        found,
+        weights,
+        stats,
+        data,
+        samples,
+        provider,
+        feed,
+        reference,
+        config,
+        want_sens,
+        want_gram,
+        timings,
+        mask_input,
+    )
+
+
+def apply(
+    prepared: Prepared,
+    config: PruneConfig,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> PruneResult:
+    """Select, refit, rewrite and (optionally) save, on a copy of the prepared model.
+
+    `config` may differ from the one used by `prepare` in method, sparsity, refit and seed, as
+    long as the prepared statistics cover it (else ConfigError).
+    """
+    _check_covers(prepared, config)
+    t0 = time.perf_counter()
+    timings = dict(prepared.timings)
+    found, weights, stats, data = prepared.found, prepared.weights, prepared.stats, prepared.data
+    proto = onnx.ModelProto()
+    proto.CopyFrom(prepared.proto)
+    protos = tensor_protos(proto)
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        check_output_path(prepared.model_path, out_path, overwrite, bool(prepared.external))
 
     t1 = time.perf_counter()
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
@@ -176,9 +274,11 @@ def prune_model(
         progress("select", 1, 1)
 
     refits: list[RefitReport | None] = [None] * len(selected)
-    if measure and config.sparsity > 0 and config.sequential:
+    if stats and config.sparsity > 0 and config.sequential:
         t_seq = time.perf_counter()
-        refits = _sequential(proto, protos, found, weights, scores, selected, data, config, progress)
+        refits = _sequential(
+            proto, protos, found, weights, scores, selected, data, config, progress, prepared.mask_input
+        )
         timings["sequential"] = time.perf_counter() - t_seq
     elif config.refit is not Refit.NONE and config.sparsity > 0:
         t_refit = time.perf_counter()
@@ -193,24 +293,27 @@ def prune_model(
         if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
             write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
     checks: list[OutputCheck] = []
+    provider = prepared.provider
 
     def verify(path: Path | None) -> None:
         if config.verify:
             session, _ = make_session(path if path is not None else proto, Provider(provider))
-            checks.extend(_outputs_match(session, feed, reference))
+            checks.extend(_outputs_match(session, prepared.feed, prepared.reference))
 
     written: list[Path] = []
     if out_path is not None:
-        written = save_model_atomic(proto, out_path, external, check=verify)
+        written = save_model_atomic(proto, out_path, prepared.external, check=verify)
     else:
         verify(None)
     timings["save"] = time.perf_counter() - t2
     if progress is not None:
         progress("save", 1, 1)
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = timings["load"] + timings.get("capture", 0.0) + timings.get("sensitivity", 0.0)
+    timings["total"] += time.perf_counter() - t0
 
     report = _report(
-        model,
+        prepared.mask_input,
+        prepared.source,
         out_path,
         config,
         found,
@@ -219,7 +322,7 @@ def prune_model(
         refits,
         stats,
         data,
-        samples,
+        prepared.samples,
         provider,
         timings,
         checks,
@@ -233,6 +336,23 @@ def prune_model(
     return PruneResult(proto, report, out_path, written)
 
 
+def _check_covers(prepared: Prepared, config: PruneConfig) -> None:
+    """Refuse a config that needs statistics the prepared pass did not measure."""
+    if config.sparsity == 0:
+        return
+    if config.method.value.startswith("sipp") and not prepared.has_sensitivity:
+        raise ConfigError(f"{config.method.value} needs sensitivities; prepare() did not measure them")
+    if config.method is Method.WANDA and not prepared.stats:
+        raise ConfigError("wanda needs calibration statistics; prepare() did not measure them")
+    if config.refit is not Refit.NONE and not prepared.has_gram:
+        raise ConfigError(
+            f"refit {config.refit.value} needs input statistics; prepare() did not measure them"
+        )
+    base = prepared.config
+    if prepared.has_sensitivity and (config.reduction, config.terms) != (base.reduction, base.terms):
+        raise ConfigError("reduction and terms must match the ones the sensitivities were measured with")
+
+
 def _calibrate(
     proto: onnx.ModelProto,
     found: Discovery,
@@ -240,16 +360,19 @@ def _calibrate(
     data: CalibrationData,
     config: PruneConfig,
     progress: Progress | None,
+    sensitivity: bool,
+    gram: bool,
+    mask_input: str | None,
 ) -> tuple[dict[str, LayerStatistics], CaptureResult]:
     """One streamed pass over the calibration data; statistics per layer node."""
     accumulators: dict[str, list[Accumulator]] = {}
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
     for w in found.weights:
         for layer in w.layers:
-            acc = _accumulator(layer, weights[w.name], config)
+            acc = _accumulator(layer, weights[w.name], config, sensitivity, gram)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
-    captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress)
+    captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress, mask_input)
     return {node: acc.result() for node, acc in by_node.items()}, captured
 
 
@@ -282,6 +405,7 @@ def _sequential(
     data: CalibrationData,
     config: PruneConfig,
     progress: Progress | None,
+    mask_input: str | None,
 ) -> list[RefitReport | None]:
     """Re-measure, re-select and refit stage by stage on the partly pruned model.
 
@@ -293,7 +417,9 @@ def _sequential(
     stages = layer_stages(proto, found)
     for n, stage in enumerate(stages):
         sub = Discovery(tuple(found.weights[i] for i in stage), ())
-        stats, _ = _calibrate(proto, sub, weights, data, config, None)
+        sens = config.method.value.startswith("sipp")
+        gram = config.refit is not Refit.NONE
+        stats, _ = _calibrate(proto, sub, weights, data, config, None, sens, gram, mask_input)
         for i in stage:
             w = found.weights[i]
             score = _scores(w, weights[w.name], stats)
@@ -371,6 +497,7 @@ def _no_layers_message(found: Discovery) -> str:
 
 
 def _report(
+    mask_input: str | None,
     model: str | Path | onnx.ModelProto,
     out_path: Path | None,
     config: PruneConfig,
@@ -428,6 +555,7 @@ def _report(
         terms=config.terms.value,
         refit=config.refit.value,
         sequential=config.sequential,
+        mask_input=mask_input,
         seed=config.seed,
         sparsity_target=config.sparsity,
         sparsity_achieved=1.0 - kept / total,

@@ -91,6 +91,8 @@ class PruneReport:
     terms: str
     refit: str
     sequential: bool
+    mask_input: str | None
+    """Graph input whose zeros marked padding tokens (not calibration points)."""
     seed: int
     sparsity_target: float
     sparsity_achieved: float
@@ -110,7 +112,7 @@ class PruneReport:
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return _clean(asdict(self))
+        return json_safe(asdict(self))
 
     def write_json(self, path: str | Path) -> None:
         """Write the report atomically (a temporary file renamed into place)."""
@@ -178,12 +180,12 @@ def _refit_cell(refit: RefitReport | None) -> str:
     return f"{refit.error_before:.3f} -> {refit.error_after:.3f}"
 
 
-def _clean(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """JSON-safe: tuples to lists, NaN/inf to None."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

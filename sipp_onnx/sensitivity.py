@@ -142,11 +142,13 @@ class _Accumulator:
         self.points = 0
         self.patches_per_sample = 1
 
-    def _accumulate(self, patches: np.ndarray) -> None:
+    def _accumulate(self, patches: np.ndarray, valid: int | None = None) -> None:
+        """`valid`: how many of the points are real (masked-out points are all zero and add
+        nothing to any statistic; they only must not be counted)."""
         batch, groups, d, n_points = patches.shape
         if d != self.rows.shape[1]:
             raise ValueError(f"layer input points have {d} entries, the weight rows {self.rows.shape[1]}")
-        self.points += batch * n_points
+        self.points += batch * n_points if valid is None else valid
         self.patches_per_sample = n_points
         self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
         if self._gram is not None and self._sum is not None:
@@ -235,7 +237,9 @@ class DenseAccumulator(_Accumulator):
         super().__init__(rows, 1, reduction, compute_sensitivity, terms, gram)
         self.transpose_input = transpose_input
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
+        """`token_mask [B, T]` (non-zero = real token) drops padding tokens of a `[B, T, K]` input
+        from the calibration points; it is ignored for inputs of any other shape."""
         x = np.asarray(x, dtype=np.float32)
         if self.transpose_input:
             x = x.T
@@ -244,8 +248,13 @@ class DenseAccumulator(_Accumulator):
             raise ValueError(f"layer input has {x.shape[-1]} features, the weight expects {k}")
         if x.ndim == 1:
             x = x[None]
+        valid = None
+        if token_mask is not None and x.ndim == 3 and x.shape[:2] == token_mask.shape:
+            keep = np.asarray(token_mask) != 0
+            x = np.where(keep[:, :, None], x, np.float32(0))
+            valid = int(keep.sum())
         samples = x.reshape(x.shape[0], -1, k)  # [B, T, K]
-        self._accumulate(samples.transpose(0, 2, 1)[:, None])  # [B, 1, K, T]
+        self._accumulate(samples.transpose(0, 2, 1)[:, None], valid)  # [B, 1, K, T]
 
 
 class ConvAccumulator(_Accumulator):
@@ -263,5 +272,6 @@ class ConvAccumulator(_Accumulator):
         super().__init__(rows, geom.group, reduction, compute_sensitivity, terms, gram)
         self.geom = geom
 
-    def update(self, x: np.ndarray) -> None:
+    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
+        """`token_mask` is accepted for a uniform interface; conv inputs have no tokens."""
         self._accumulate(conv_patches(np.asarray(x, dtype=np.float32), self.geom))

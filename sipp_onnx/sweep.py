@@ -1,0 +1,280 @@
+"""`sweep`: the accuracy (or fidelity) kept at each sparsity by each method, from one calibration
+pass per model.
+
+Users choose a pruner by one picture: the metric against sparsity, one line per method, the
+dense model as the reference. The calibration statistics (sensitivities, Wanda's norms, the
+refit's Gram matrices) do not depend on the sparsity or the method, so `prepare` runs once and
+every point is only a selection, a refit and an evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from .config import Method, PruneConfig, Refit
+from .errors import ConfigError
+from .evaluate import Comparison, evaluate
+from .modelio import write_text_atomic
+from .pipeline import Progress, apply, prepare
+from .report import json_safe
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "top1_agreement", "cosine")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One line of the sweep: a selection method and what happens to the kept weights."""
+
+    method: Method
+    refit: Refit
+
+    @property
+    def label(self) -> str:
+        return self.method.value if self.refit is Refit.NONE else f"{self.method.value}+{self.refit.value}"
+
+    @classmethod
+    def parse(cls, text: str, default_refit: Refit | str) -> Variant:
+        """'METHOD' (with `default_refit`) or 'METHOD+REFIT', e.g. 'magnitude+obs'."""
+        method, _, refit = text.strip().partition("+")
+        try:
+            return cls(Method(method), Refit(refit or default_refit))
+        except ValueError:
+            methods = ", ".join(m.value for m in Method)
+            refits = ", ".join(r.value for r in Refit)
+            raise ConfigError(
+                f"bad method {text!r}: expected METHOD or METHOD+REFIT with METHOD one of {methods} "
+                f"and REFIT one of {refits}"
+            ) from None
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    variant: str
+    sparsity: float
+    """Target sparsity."""
+    achieved: float
+    metric: float
+    comparison: Comparison
+    seconds: float
+    """Selection + refit + rewrite (the calibration pass is shared)."""
+
+
+@dataclass
+class SweepResult:
+    model: str
+    metric: str
+    dense: float
+    """The dense model's metric (1 for fidelity metrics: the model agrees with itself)."""
+    sparsities: list[float]
+    variants: list[str]
+    points: list[SweepPoint]
+    calibration_passes: int
+    prepare_seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, variant: str, sparsity: float) -> float:
+        return next(p.metric for p in self.points if p.variant == variant and p.sparsity == sparsity)
+
+    def max_sparsity_within(self, variant: str, tolerance: float = 0.01) -> float | None:
+        """Largest swept sparsity at which `variant` keeps its metric within `tolerance`
+        (relative) of the dense model's, None if none does."""
+        ok = [
+            p.sparsity
+            for p in self.points
+            if p.variant == variant and p.metric >= self.dense * (1 - tolerance) - 1e-12
+        ]
+        return max(ok) if ok else None
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["within_1pct"] = {v: self.max_sparsity_within(v) for v in self.variants}
+        return doc
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(
+            [
+                "model",
+                "variant",
+                "sparsity",
+                "achieved",
+                self.metric,
+                "dense",
+                "rel_l2_error",
+                "cosine",
+                "seconds",
+            ]
+        )
+        for p in self.points:
+            writer.writerow(
+                [
+                    self.model,
+                    p.variant,
+                    p.sparsity,
+                    f"{p.achieved:.6f}",
+                    f"{p.metric:.6f}",
+                    f"{self.dense:.6f}",
+                    f"{p.comparison.rel_l2_error:.6f}",
+                    f"{p.comparison.cosine:.6f}",
+                    f"{p.seconds:.4f}",
+                ]
+            )
+        return buf.getvalue()
+
+    def format_table(self) -> str:
+        """Metric per variant (rows) and sparsity (columns), plus the largest sparsity within 1 %."""
+        scale, unit = (100.0, "%") if self.metric == "accuracy" else (1.0, "")
+        head = ["method"] + [f"{s:.0%}" for s in self.sparsities] + ["max within 1%"]
+        rows = [head]
+        for v in self.variants:
+            cells = [f"{self.value(v, s) * scale:.2f}{unit}" for s in self.sparsities]
+            best = self.max_sparsity_within(v)
+            rows.append([v, *cells, f"{best:.0%}" if best is not None else "-"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        lines = [f"{self.metric} on the evaluation data; dense model: {self.dense * scale:.2f}{unit}"]
+        for i, row in enumerate(rows):
+            lines.append(
+                "  ".join(
+                    c.ljust(w) if j == 0 else c.rjust(w)
+                    for j, (c, w) in enumerate(zip(row, widths, strict=True))
+                )
+            )
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _metric(comparison: Comparison, metric: str) -> float:
+    value = {
+        "accuracy": comparison.accuracy,
+        "top1_agreement": comparison.top1_agreement,
+        "cosine": comparison.cosine,
+    }[metric]
+    if value is None:
+        raise ConfigError(f"metric {metric!r} is not available for this model and data")
+    return float(value)
+
+
+def sweep(
+    model: str | Path | onnx.ModelProto,
+    calibration: str | Path | Mapping[str, np.ndarray],
+    evaluation: str | Path | Mapping[str, np.ndarray],
+    variants: Sequence[Variant],
+    sparsities: Sequence[float],
+    config: PruneConfig | None = None,
+    *,
+    metric: str | None = None,
+    labels_key: str = "labels",
+    output_name: str | None = None,
+    progress: Progress | None = None,
+    point_done: Callable[[SweepPoint], None] | None = None,
+) -> SweepResult:
+    """Prune `model` at every sparsity with every variant and evaluate each result.
+
+    `metric` defaults to accuracy when the evaluation data has labels, else the top-1 agreement
+    with the dense model for classifier outputs `[N, C]`, else the mean cosine similarity.
+    """
+    if not variants:
+        raise ConfigError("no method to sweep")
+    if not sparsities or any(not 0 <= s < 1 for s in sparsities):
+        raise ConfigError(f"sparsities must be in [0, 1), got {list(sparsities)}")
+    if metric is not None and metric not in METRICS:
+        raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    config = config or PruneConfig()
+    base = replace(config, sparsity=max(max(sparsities), 0.5), verify=False, sequential=False)
+    t0 = time.perf_counter()
+    prepared = prepare(
+        model,
+        calibration,
+        base,
+        progress,
+        sensitivity=any(v.method.value.startswith("sipp") for v in variants),
+        gram=any(v.refit is not Refit.NONE for v in variants),
+        statistics=any(v.method is Method.WANDA for v in variants),
+    )
+    prepare_seconds = time.perf_counter() - t0
+    dense = evaluate(prepared.proto, evaluation, labels_key=labels_key, output=output_name)
+    points: list[SweepPoint] = []
+    chosen = metric
+    for variant in variants:
+        for sparsity in sparsities:
+            t1 = time.perf_counter()
+            cfg = replace(base, method=variant.method, refit=variant.refit, sparsity=sparsity)
+            result = apply(prepared, cfg)
+            seconds = time.perf_counter() - t1
+            report = evaluate(
+                prepared.proto, evaluation, compare=result.model, labels_key=labels_key, output=output_name
+            )
+            assert report.compare is not None
+            if chosen is None:
+                if report.compare.accuracy is not None:
+                    chosen = "accuracy"
+                else:
+                    chosen = "top1_agreement" if report.compare.top1_agreement is not None else "cosine"
+            point = SweepPoint(
+                variant.label,
+                sparsity,
+                result.report.sparsity_achieved,
+                _metric(report.compare, chosen),
+                report.compare,
+                seconds,
+            )
+            points.append(point)
+            log.info("%s at %.0f%%: %s %.4f", point.variant, sparsity * 100, chosen, point.metric)
+            if point_done is not None:
+                point_done(point)
+    assert chosen is not None
+    dense_value = (
+        float(dense.model.accuracy) if chosen == "accuracy" and dense.model.accuracy is not None else 1.0
+    )
+    source = str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>"
+    return SweepResult(
+        model=source,
+        metric=chosen,
+        dense=dense_value,
+        sparsities=list(sparsities),
+        variants=[v.label for v in variants],
+        points=points,
+        calibration_passes=1 if prepared.stats else 0,
+        prepare_seconds=prepare_seconds,
+        settings={
+            "reduction": base.reduction.value,
+            "terms": base.terms.value,
+            "seed": base.seed,
+            "samples": prepared.samples,
+            "provider": prepared.provider,
+            "evaluation_samples": dense.model.samples,
+            "output": dense.output,
+        },
+    )
+
+
+def write_sweep(result: SweepResult, out_dir: Path, plot: bool = True) -> list[Path]:
+    """Write sweep.json, sweep.csv and (with matplotlib) sweep.png into `out_dir`, atomically.
+    Returns the written paths; the plot is skipped (and logged) when matplotlib is missing."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [out_dir / "sweep.json", out_dir / "sweep.csv"]
+    write_text_atomic(written[0], json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
+    write_text_atomic(written[1], result.to_csv())
+    if plot:
+        from .plot import PlotUnavailable, plot_sweep
+
+        try:
+            written.append(plot_sweep(result, out_dir / "sweep.png"))
+        except PlotUnavailable as exc:
+            log.warning("%s", exc)
+    return written
