@@ -92,6 +92,11 @@ class PruneConfig:
     positions are not calibration points. 'auto' takes an integer/bool rank-2 input named like
     `attention_mask`; 'none' turns this off."""
     max_samples: int | None = None
+    max_points: int | None = 16384
+    """Calibration points per layer over which the max reduction runs: a conv layer or a token
+    model has many points per sample (positions, tokens), and beyond this many in total each
+    batch contributes a random subset of its positions (the same number per sample). The Gram
+    matrices, norms and the mean/expected reductions always use every point. None: all."""
     batch_size: int = 32
     provider: Provider = Provider.AUTO
     exclude: tuple[str, ...] = ()
@@ -118,6 +123,8 @@ class PruneConfig:
         object.__setattr__(self, "sparsity", float(self.sparsity))
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples}")
+        if self.max_points is not None and self.max_points < 1:
+            raise ConfigError(f"max_points must be a positive integer, got {self.max_points}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size}")
         if self.seed < 0:

@@ -69,13 +69,14 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
 
 
 def _accumulator(
-    layer: Layer, weight: np.ndarray, config: PruneConfig, sensitivity: bool, gram: bool
+    layer: Layer, weight: np.ndarray, config: PruneConfig, sensitivity: bool, gram: bool, samples: int
 ) -> DenseAccumulator | ConvAccumulator:
     rows = to_rows(weight, layer.layout)
-    reduction = config.reduction.value
+    reduction, terms, seed = config.reduction.value, config.terms.value, config.seed
+    cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
     if layer.conv is not None:
-        return ConvAccumulator(rows, layer.conv, reduction, sensitivity, config.terms.value, gram)
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, config.terms.value, gram)
+        return ConvAccumulator(rows, layer.conv, reduction, sensitivity, terms, gram, cap, seed)
+    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed)
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -369,7 +370,7 @@ def _calibrate(
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
     for w in found.weights:
         for layer in w.layers:
-            acc = _accumulator(layer, weights[w.name], config, sensitivity, gram)
+            acc = _accumulator(layer, weights[w.name], config, sensitivity, gram, data.samples)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
     captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress, mask_input)

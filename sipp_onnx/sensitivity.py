@@ -112,6 +112,8 @@ class _Accumulator:
         compute_sensitivity: bool,
         terms: str = "signed",
         gram: bool = False,
+        max_points_per_sample: int | None = None,
+        seed: int = 0,
     ) -> None:
         rows = np.asarray(rows, dtype=np.float32)
         n_out, k = rows.shape
@@ -141,6 +143,8 @@ class _Accumulator:
         self._sum = np.zeros((groups, k), dtype=np.float64) if gram else None
         self.points = 0
         self.patches_per_sample = 1
+        self.max_points_per_sample = max_points_per_sample
+        self._rng = np.random.default_rng(seed)
 
     def _accumulate(self, patches: np.ndarray, valid: int | None = None) -> None:
         """`valid`: how many of the points are real (masked-out points are all zero and add
@@ -157,6 +161,13 @@ class _Accumulator:
             self._sum += points.sum(axis=2)
         if not self.compute_sensitivity:
             return
+        cap = self.max_points_per_sample
+        if self.reduction == "max" and cap is not None and n_points > cap:
+            # The max-times product costs points x N x K with no BLAS form; beyond `cap` points
+            # per sample the max runs over a random subset of each batch's positions.
+            chosen = np.sort(self._rng.choice(n_points, size=cap, replace=False))
+            patches = patches[..., chosen]
+            n_points = cap
         inputs = _absolute_samples(patches) if self.terms == "absolute" else _sample_parts(patches)
         for part in inputs:
             for w_part, best in self._parts:
@@ -233,8 +244,10 @@ class DenseAccumulator(_Accumulator):
         reduction: str = "max",
         terms: str = "signed",
         gram: bool = False,
+        max_points_per_sample: int | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(rows, 1, reduction, compute_sensitivity, terms, gram)
+        super().__init__(rows, 1, reduction, compute_sensitivity, terms, gram, max_points_per_sample, seed)
         self.transpose_input = transpose_input
 
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
@@ -251,8 +264,13 @@ class DenseAccumulator(_Accumulator):
         valid = None
         if token_mask is not None and x.ndim == 3 and x.shape[:2] == token_mask.shape:
             keep = np.asarray(token_mask) != 0
-            x = np.where(keep[:, :, None], x, np.float32(0))
-            valid = int(keep.sum())
+            if self.reduction == "mean":  # per-sample means: keep the samples, zero the padding
+                x = np.where(keep[:, :, None], x, np.float32(0))
+                valid = int(keep.sum())
+            else:  # max / expected do not group points by sample: drop the padding outright
+                x = x[keep][:, None, :]
+        if x.size == 0:
+            return
         samples = x.reshape(x.shape[0], -1, k)  # [B, T, K]
         self._accumulate(samples.transpose(0, 2, 1)[:, None], valid)  # [B, 1, K, T]
 
@@ -268,8 +286,12 @@ class ConvAccumulator(_Accumulator):
         compute_sensitivity: bool = True,
         terms: str = "signed",
         gram: bool = False,
+        max_points_per_sample: int | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(rows, geom.group, reduction, compute_sensitivity, terms, gram)
+        super().__init__(
+            rows, geom.group, reduction, compute_sensitivity, terms, gram, max_points_per_sample, seed
+        )
         self.geom = geom
 
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:

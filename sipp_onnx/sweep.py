@@ -70,6 +70,8 @@ class SweepPoint:
     comparison: Comparison
     seconds: float
     """Selection + refit + rewrite (the calibration pass is shared)."""
+    max_layer_sparsity: float | None = None
+    """Sparsity of the most pruned weight tensor (a layer wiped out shows as 1.0)."""
 
 
 @dataclass
@@ -232,6 +234,7 @@ def sweep(
                 _metric(report.compare, chosen),
                 report.compare,
                 seconds,
+                max(layer.sparsity for layer in result.report.layers),
             )
             points.append(point)
             log.info("%s at %.0f%%: %s %.4f", point.variant, sparsity * 100, chosen, point.metric)

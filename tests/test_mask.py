@@ -86,3 +86,15 @@ def test_mask_input_by_name_and_bad_names():
         prepare(masked_model(), feed, PruneConfig(mask_input="x"))
     with pytest.raises(ConfigError, match="mask_input"):
         PruneConfig(mask_input="")
+
+
+@pytest.mark.parametrize("reduction", ["max", "mean", "expected"])
+def test_all_padding_adds_nothing(reduction):
+    rows = np.random.default_rng(1).normal(size=(3, 5)).astype(np.float32)
+    x, mask = masked_batch()
+    acc = DenseAccumulator(rows, reduction=reduction, gram=True)
+    acc.update(x, np.zeros_like(mask))
+    stats = acc.result()
+    assert stats.points == 0 and not stats.sensitivity.any() and not stats.gram.any()
+    acc.update(x, mask)
+    assert acc.result().points == int(mask.sum())
