@@ -78,6 +78,130 @@ def _session_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto
     return load_model(model, load_external=False), Path(model)
 
 
+class _Sums:
+    """Running sums of one comparison (and the accuracy of both models), batch by batch."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.correct = [0, 0]
+        self.agree = 0
+        self.err_sq = self.ref_sq = self.cos_sum = 0.0
+        self.seen = 0
+        self.classifier = True
+
+    def add(self, ref: np.ndarray, new: np.ndarray | None, labels: np.ndarray | None) -> None:
+        n = ref.shape[0]
+        self.classifier &= ref.ndim == 2
+        if labels is not None:
+            if not self.classifier:
+                raise ModelError(
+                    f"output {self.name!r} has shape {list(ref.shape)}; accuracy needs [N, classes]"
+                )
+            self.correct[0] += int((ref.argmax(axis=1) == labels).sum())
+            if new is not None:
+                self.correct[1] += int((new.argmax(axis=1) == labels).sum())
+        if new is not None:
+            if new.shape != ref.shape:
+                raise ModelError(
+                    f"output {self.name!r} shapes differ: {list(ref.shape)} vs {list(new.shape)}"
+                )
+            self.err_sq += float(((new - ref) ** 2).sum())
+            self.ref_sq += float((ref**2).sum())
+            a, b = ref.reshape(n, -1), new.reshape(n, -1)
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            self.cos_sum += float(
+                np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).sum()
+            )
+            if self.classifier:
+                self.agree += int((ref.argmax(axis=1) == new.argmax(axis=1)).sum())
+        self.seen += n
+
+    def score(self, labelled: bool) -> ModelScore:
+        return ModelScore(self.correct[0] / self.seen if labelled else None, self.seen)
+
+    def comparison(self, labelled: bool) -> Comparison:
+        accuracy = self.correct[0] / self.seen if labelled else None
+        acc2 = self.correct[1] / self.seen if labelled else None
+        return Comparison(
+            accuracy=acc2,
+            accuracy_drop=(accuracy - acc2) * 100 if accuracy is not None and acc2 is not None else None,
+            top1_agreement=self.agree / self.seen if self.classifier else None,
+            rel_l2_error=float(np.sqrt(self.err_sq / self.ref_sq))
+            if self.ref_sq > 0
+            else float(np.sqrt(self.err_sq)),
+            cosine=self.cos_sum / self.seen,
+        )
+
+
+class Reference:
+    """A reference model's scored output on evaluation data, computed once and kept, so that many
+    pruned models (a sweep) are compared with it without running the reference again. Keeps the
+    scored output of every sample (not the activations): `evaluate` streams instead."""
+
+    def __init__(
+        self,
+        model: str | Path | onnx.ModelProto,
+        data: str | Path | Mapping[str, np.ndarray],
+        labels_key: str = "labels",
+        output: str | None = None,
+        batch_size: int = 256,
+        provider: Provider = Provider.AUTO,
+    ) -> None:
+        proto, source = _session_model(model)
+        arrays, self.labels = _read_eval_data(data, labels_key)
+        self.data = open_calibration(arrays, model_inputs(proto))
+        session, self.provider = make_session(source, provider)
+        self.output = _output_name(session, output)
+        self.labels = _check_labels(self.labels, labels_key, self.data.samples)
+        self.batch_size = batch_size
+        self.outputs: list[np.ndarray] = []
+        sums = _Sums(self.output)
+        for feed in self.data.batches(batch_size):
+            ref = _run(session, self.output, feed)
+            sums.add(ref, None, self._labels(sums.seen, ref.shape[0]))
+            self.outputs.append(ref)
+        self.score = sums.score(self.labels is not None)
+
+    def _labels(self, start: int, n: int) -> np.ndarray | None:
+        return None if self.labels is None else self.labels[start : start + n]
+
+    def compare(self, model: str | Path | onnx.ModelProto) -> Comparison:
+        """Fidelity (and accuracy) of `model` against the kept reference outputs."""
+        session, _ = make_session(_session_model(model)[1], Provider(self.provider))
+        if self.output not in [o.name for o in session.get_outputs()]:
+            raise ModelError(f"the compared model has no output {self.output!r}")
+        sums = _Sums(self.output)
+        for ref, feed in zip(self.outputs, self.data.batches(self.batch_size), strict=True):
+            sums.add(ref, _run(session, self.output, feed), self._labels(sums.seen, ref.shape[0]))
+        return sums.comparison(self.labels is not None)
+
+
+def _output_name(session: Any, output: str | None) -> str:
+    outputs = [o.name for o in session.get_outputs()]
+    name = output or outputs[0]
+    if name not in outputs:
+        raise ModelError(f"model has no output {name!r}; it has {outputs}")
+    return name
+
+
+def _check_labels(labels: np.ndarray | None, key: str, samples: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != samples:
+        raise CalibrationError(
+            f"labels {key!r} must be integers of shape [{samples}], got {labels.dtype} {list(labels.shape)}"
+        )
+    return labels
+
+
+def _run(session: Any, name: str, feed: dict[str, np.ndarray]) -> np.ndarray:
+    try:
+        return np.asarray(session.run([name], feed)[0], dtype=np.float64)
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime failed during evaluation: {run_error(exc)}") from None
+
+
 def evaluate(
     model: str | Path | onnx.ModelProto,
     data: str | Path | Mapping[str, np.ndarray],
@@ -87,7 +211,8 @@ def evaluate(
     batch_size: int = 256,
     provider: Provider = Provider.AUTO,
 ) -> EvalReport:
-    """Accuracy of `model` (and `compare`) on `data`, and the fidelity of `compare` to `model`."""
+    """Accuracy of `model` (and `compare`) on `data`, and the fidelity of `compare` to `model`.
+    Streams: memory holds one batch of outputs, whatever the size of `data`."""
     proto, source = _session_model(model)
     arrays, labels = _read_eval_data(data, labels_key)
     calib = open_calibration(arrays, model_inputs(proto))
@@ -95,63 +220,15 @@ def evaluate(
     other = None
     if compare is not None:
         other, _ = make_session(_session_model(compare)[1], Provider(used))
-    outputs = [o.name for o in session.get_outputs()]
-    name = output or outputs[0]
-    if name not in outputs:
-        raise ModelError(f"model has no output {name!r}; it has {outputs}")
+    name = _output_name(session, output)
     if other is not None and name not in [o.name for o in other.get_outputs()]:
         raise ModelError(f"the compared model has no output {name!r}")
-    if labels is not None:
-        labels = np.asarray(labels)
-        if labels.dtype.kind not in "iu" or labels.ndim != 1 or labels.shape[0] != calib.samples:
-            raise CalibrationError(
-                f"labels {labels_key!r} must be integers of shape [{calib.samples}], got "
-                f"{labels.dtype} {list(labels.shape)}"
-            )
-
-    correct = [0, 0]
-    agree = 0
-    err_sq = ref_sq = cos_sum = 0.0
-    seen = 0
-    classifier = True
+    labels = _check_labels(labels, labels_key, calib.samples)
+    sums = _Sums(name)
     for feed in calib.batches(batch_size):
-        n = next(iter(feed.values())).shape[0]
-        try:
-            ref = np.asarray(session.run([name], feed)[0], dtype=np.float64)
-            new = np.asarray(other.run([name], feed)[0], dtype=np.float64) if other is not None else None
-        except Exception as exc:
-            raise ModelError(f"ONNX Runtime failed during evaluation: {run_error(exc)}") from None
-        classifier &= ref.ndim == 2 and ref.shape[0] == n
-        if labels is not None:
-            if not classifier:
-                raise ModelError(f"output {name!r} has shape {list(ref.shape)}; accuracy needs [N, classes]")
-            batch_labels = labels[seen : seen + n]
-            correct[0] += int((ref.argmax(axis=1) == batch_labels).sum())
-            if new is not None:
-                correct[1] += int((new.argmax(axis=1) == batch_labels).sum())
-        if new is not None:
-            if new.shape != ref.shape:
-                raise ModelError(f"output {name!r} shapes differ: {list(ref.shape)} vs {list(new.shape)}")
-            err_sq += float(((new - ref) ** 2).sum())
-            ref_sq += float((ref**2).sum())
-            a, b = ref.reshape(n, -1), new.reshape(n, -1)
-            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-            cos_sum += float(
-                np.where(norms > 0, (a * b).sum(axis=1) / np.where(norms > 0, norms, 1), 1.0).sum()
-            )
-            if classifier:
-                agree += int((ref.argmax(axis=1) == new.argmax(axis=1)).sum())
-        seen += n
-
-    accuracy = correct[0] / seen if labels is not None else None
-    comparison = None
-    if other is not None:
-        acc2 = correct[1] / seen if labels is not None else None
-        comparison = Comparison(
-            accuracy=acc2,
-            accuracy_drop=(accuracy - acc2) * 100 if accuracy is not None and acc2 is not None else None,
-            top1_agreement=agree / seen if classifier else None,
-            rel_l2_error=float(np.sqrt(err_sq / ref_sq)) if ref_sq > 0 else float(np.sqrt(err_sq)),
-            cosine=cos_sum / seen,
-        )
-    return EvalReport(name, ModelScore(accuracy, seen), comparison)
+        ref = _run(session, name, feed)
+        new = _run(other, name, feed) if other is not None else None
+        n = ref.shape[0]
+        sums.add(ref, new, None if labels is None else labels[sums.seen : sums.seen + n])
+    labelled = labels is not None
+    return EvalReport(name, sums.score(labelled), sums.comparison(labelled) if other is not None else None)

@@ -24,7 +24,7 @@ import onnx
 
 from .config import Method, PruneConfig, Refit
 from .errors import ConfigError
-from .evaluate import Comparison, evaluate
+from .evaluate import Comparison, Reference
 from .modelio import write_text_atomic
 from .pipeline import Progress, apply, prepare
 from .report import json_safe
@@ -209,7 +209,7 @@ def sweep(
         statistics=any(v.method is Method.WANDA for v in variants),
     )
     prepare_seconds = time.perf_counter() - t0
-    dense = evaluate(prepared.proto, evaluation, labels_key=labels_key, output=output_name)
+    dense = Reference(prepared.proto, evaluation, labels_key=labels_key, output=output_name)
     points: list[SweepPoint] = []
     chosen = metric
     for variant in variants:
@@ -218,21 +218,18 @@ def sweep(
             cfg = replace(base, method=variant.method, refit=variant.refit, sparsity=sparsity)
             result = apply(prepared, cfg)
             seconds = time.perf_counter() - t1
-            report = evaluate(
-                prepared.proto, evaluation, compare=result.model, labels_key=labels_key, output=output_name
-            )
-            assert report.compare is not None
+            comparison = dense.compare(result.model)
             if chosen is None:
-                if report.compare.accuracy is not None:
+                if comparison.accuracy is not None:
                     chosen = "accuracy"
                 else:
-                    chosen = "top1_agreement" if report.compare.top1_agreement is not None else "cosine"
+                    chosen = "top1_agreement" if comparison.top1_agreement is not None else "cosine"
             point = SweepPoint(
                 variant.label,
                 sparsity,
                 result.report.sparsity_achieved,
-                _metric(report.compare, chosen),
-                report.compare,
+                _metric(comparison, chosen),
+                comparison,
                 seconds,
                 max(layer.sparsity for layer in result.report.layers),
             )
@@ -242,7 +239,7 @@ def sweep(
                 point_done(point)
     assert chosen is not None
     dense_value = (
-        float(dense.model.accuracy) if chosen == "accuracy" and dense.model.accuracy is not None else 1.0
+        float(dense.score.accuracy) if chosen == "accuracy" and dense.score.accuracy is not None else 1.0
     )
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<in-memory model>"
     return SweepResult(
@@ -260,7 +257,7 @@ def sweep(
             "seed": base.seed,
             "samples": prepared.samples,
             "provider": prepared.provider,
-            "evaluation_samples": dense.model.samples,
+            "evaluation_samples": dense.score.samples,
             "output": dense.output,
         },
     )

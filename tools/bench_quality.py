@@ -37,7 +37,7 @@ import onnx
 from sipp_onnx import PruneConfig, __version__
 from sipp_onnx.calibration import open_calibration
 from sipp_onnx.discover import discover
-from sipp_onnx.evaluate import evaluate
+from sipp_onnx.evaluate import Reference
 from sipp_onnx.modelio import model_inputs
 from sipp_onnx.plot import PlotUnavailable
 from sipp_onnx.sweep import SweepPoint, SweepResult, Variant, sweep, write_sweep
@@ -143,14 +143,14 @@ def peer_points(bench: Bench, sparsities: list[float], metric: str, batch_size: 
     nodes = {layer.node for layer in discover(model).layers}
     size = model.ByteSize()
     batches = calibration_batches(bench, batch_size)
+    dense = Reference(model, bench.evaluation, output=bench.output)
     points = []
     for method in PEER:
         for sparsity in sparsities:
             t0 = time.perf_counter()
             pruned = run_peer(model, method, sparsity, batches)
             seconds = time.perf_counter() - t0
-            comparison = evaluate(model, bench.evaluation, compare=pruned, output=bench.output).compare
-            assert comparison is not None
+            comparison = dense.compare(pruned)
             value = {"accuracy": comparison.accuracy, "top1_agreement": comparison.top1_agreement}.get(
                 metric, comparison.cosine
             )
