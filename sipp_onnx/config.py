@@ -79,13 +79,17 @@ class PruneConfig:
     """
 
     sparsity: float = 0.5
-    method: Method = Method.SIPP_HYBRID
+    method: Method = Method.SIPP_DET
     reduction: Reduction = Reduction.MAX
     terms: Terms = Terms.ABSOLUTE
     refit: Refit = Refit.OBS
     sequential: bool = False
     """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
     one more calibration pass per layer depth, so later layers compensate earlier errors."""
+    layer_floor: float = 0.25
+    """sipp-det and magnitude: every weight tensor keeps at least this fraction of the average
+    kept fraction (0.25 at 90 % sparsity: at least 2.5 % of each tensor), so one global
+    threshold cannot wipe out a layer whose scores are uniformly small. 0: off."""
     seed: int = 0
     mask_input: str = "auto"
     """Graph input that marks real tokens (non-zero) and padding (0), `[batch, seq]`: padding
@@ -123,6 +127,8 @@ class PruneConfig:
         object.__setattr__(self, "sparsity", float(self.sparsity))
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples}")
+        if not 0.0 <= float(self.layer_floor) <= 1.0:
+            raise ConfigError(f"layer_floor must be in [0, 1], got {self.layer_floor!r}")
         if self.max_points is not None and self.max_points < 1:
             raise ConfigError(f"max_points must be a positive integer, got {self.max_points}")
         if self.batch_size < 1:

@@ -269,7 +269,7 @@ def apply(
             SelectedWeight(s.rows, int(np.count_nonzero(s.rows)), 0.0 if stats else None) for s in scores
         ]
     else:
-        selected = select(scores, config.method.value, config.sparsity, config.seed)
+        selected = select(scores, config.method.value, config.sparsity, config.seed, config.layer_floor)
     timings["selection"] = time.perf_counter() - t1
     if progress is not None:
         progress("select", 1, 1)

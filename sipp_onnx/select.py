@@ -21,6 +21,7 @@ This module imports numpy only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,17 +71,47 @@ def _det_bound(sens: np.ndarray | None, rows: np.ndarray, keep: np.ndarray) -> f
     return float(max(pos.max(initial=0.0), neg.max(initial=0.0)))
 
 
-def _global_top(scores: Sequence[np.ndarray], weights: Sequence[np.ndarray], keep: int) -> list[np.ndarray]:
-    """Masks keeping the `keep` largest scores over all weights (ties: larger |w| first)."""
-    flat_s = np.concatenate([s.ravel() for s in scores])
+def _top(key: np.ndarray, absw: np.ndarray, keep: int) -> np.ndarray:
+    """Mask of the `keep` largest `key` entries (ties: larger `absw`, then earlier position).
+
+    A partition finds the keep-th largest key in O(n); only the entries tied with it are sorted,
+    which gives the same set as a full lexicographic sort.
+    """
+    mask = np.zeros(key.shape, dtype=bool)
+    if keep <= 0:
+        return mask
+    threshold = np.partition(key, key.size - keep)[key.size - keep]
+    mask = key > threshold
+    tied = np.flatnonzero(key == threshold)
+    need = keep - int(mask.sum())
+    mask[tied[np.lexsort((tied, -absw[tied]))[:need]]] = True
+    return mask
+
+
+def _global_top(
+    scores: Sequence[np.ndarray],
+    weights: Sequence[np.ndarray],
+    keep: int,
+    floors: Sequence[int] | None = None,
+) -> list[np.ndarray]:
+    """Masks keeping the `keep` largest scores over all weights (ties: larger |w| first).
+
+    `floors[i]`: weight i keeps at least its own top `floors[i]` entries whatever the global
+    threshold says (one threshold alone can wipe out a layer whose scores are uniformly small).
+    """
     flat_w = np.abs(np.concatenate([w.ravel() for w in weights]))
     live = flat_w > 0
     keep = min(keep, int(live.sum()))
-    mask = np.zeros(flat_s.shape, dtype=bool)
-    if keep > 0:
-        # Zero weights sort last (they stay zero whatever we decide).
-        order = np.lexsort((-flat_w, -np.where(live, flat_s, -np.inf)))
-        mask[order[:keep]] = True
+    # Zero weights sort last (they stay zero whatever we decide).
+    key = np.where(live, np.concatenate([s.ravel() for s in scores]).astype(np.float64), -np.inf)
+    if floors is not None:
+        start = 0
+        for w, floor in zip(weights, floors, strict=True):
+            part = slice(start, start + w.size)
+            reserved = _top(key[part], flat_w[part], min(floor, int(live[part].sum()), keep))
+            key[part][reserved] = np.inf
+            start += w.size
+    mask = _top(key, flat_w, keep)
     out, start = [], 0
     for w in weights:
         out.append(mask[start : start + w.size].reshape(w.shape))
@@ -88,14 +119,21 @@ def _global_top(scores: Sequence[np.ndarray], weights: Sequence[np.ndarray], kee
     return out
 
 
-def select_global(weights: Sequence[WeightScores], keep: int, by: str) -> list[SelectedWeight]:
-    """SiPP-Det (`by='sensitivity'`) or global magnitude pruning (`by='magnitude'`)."""
+def select_global(
+    weights: Sequence[WeightScores], keep: int, by: str, layer_floor: float = 0.0
+) -> list[SelectedWeight]:
+    """SiPP-Det (`by='sensitivity'`) or global magnitude pruning (`by='magnitude'`).
+
+    With `layer_floor` f, every weight keeps at least f times the average kept fraction.
+    """
     rows = [w.rows for w in weights]
     if by == "sensitivity":
         scores = [_require(w.sensitivity, "sensitivity") for w in weights]
     else:
         scores = [np.abs(r) for r in rows]
-    masks = _global_top(scores, rows, keep)
+    total = sum(r.size for r in rows)
+    floors = [math.ceil(layer_floor * keep / total * r.size) for r in rows] if layer_floor > 0 else None
+    masks = _global_top(scores, rows, keep, floors)
     return [
         SelectedWeight(
             np.where(m, w.rows, 0).astype(w.rows.dtype),
@@ -340,20 +378,22 @@ def _fix_count(
 
 
 def select(
-    weights: Sequence[WeightScores], method: str, sparsity: float, seed: int = 0
+    weights: Sequence[WeightScores], method: str, sparsity: float, seed: int = 0, layer_floor: float = 0.0
 ) -> list[SelectedWeight]:
     """Prune all `weights` together to `sparsity` with `method` (a `Method` value)."""
-    return select_count(weights, method, budget(sum(w.rows.size for w in weights), sparsity), seed)
+    keep = budget(sum(w.rows.size for w in weights), sparsity)
+    return select_count(weights, method, keep, seed, layer_floor)
 
 
 def select_count(
-    weights: Sequence[WeightScores], method: str, keep: int, seed: int = 0
+    weights: Sequence[WeightScores], method: str, keep: int, seed: int = 0, layer_floor: float = 0.0
 ) -> list[SelectedWeight]:
-    """Keep `keep` weights of all `weights` together with `method` (a `Method` value)."""
+    """Keep `keep` weights of all `weights` together with `method` (a `Method` value).
+    `layer_floor` applies to the global-threshold methods (sipp-det, magnitude)."""
     if method == "sipp-det":
-        return select_global(weights, keep, by="sensitivity")
+        return select_global(weights, keep, by="sensitivity", layer_floor=layer_floor)
     if method == "magnitude":
-        return select_global(weights, keep, by="magnitude")
+        return select_global(weights, keep, by="magnitude", layer_floor=layer_floor)
     if method == "wanda":
         return select_wanda(weights, keep)
     if method in ("sipp-rand", "sipp-hybrid"):

@@ -88,7 +88,10 @@ class SweepResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def value(self, variant: str, sparsity: float) -> float:
-        return next(p.metric for p in self.points if p.variant == variant and p.sparsity == sparsity)
+        """The metric of one point; NaN where the variant was not run at that sparsity."""
+        return next(
+            (p.metric for p in self.points if p.variant == variant and p.sparsity == sparsity), float("nan")
+        )
 
     def max_sparsity_within(self, variant: str, tolerance: float = 0.01) -> float | None:
         """Largest swept sparsity at which `variant` keeps its metric within `tolerance`

@@ -142,3 +142,22 @@ def test_hybrid_chooses_det_for_concentrated_and_sampling_for_flat_rows():
     sampled = select([WeightScores(wide, flat, np.ones_like(wide))], "sipp-hybrid", 0.5, seed=0)[0]
     assert sampled.sampled_row_parts > 0
     assert np.any((sampled.rows != 0) & (sampled.rows != wide))  # rescaled by the estimator
+
+
+def test_layer_floor_keeps_a_share_of_a_layer_the_threshold_would_wipe_out():
+    rng = np.random.default_rng(0)
+    big = WeightScores(rows=rng.normal(size=(20, 50)), sensitivity=rng.uniform(0.5, 1.0, size=(20, 50)))
+    small = WeightScores(rows=rng.normal(size=(10, 10)), sensitivity=rng.uniform(0.0, 0.01, size=(10, 10)))
+    plain = select([big, small], "sipp-det", 0.5)
+    assert plain[1].kept == 0  # every score of `small` is below every score of `big`
+    floored = select([big, small], "sipp-det", 0.5, layer_floor=0.5)
+    keep = budget(1100, 0.5)
+    assert floored[0].kept + floored[1].kept == keep
+    assert floored[1].kept == int(np.ceil(0.5 * keep / 1100 * 100))  # half the average density
+    # the floor keeps the layer's own best entries
+    kept = floored[1].rows != 0
+    assert small.sensitivity[kept].min() >= small.sensitivity[~kept].max()
+    for method in ("magnitude", "sipp-det"):
+        off = select([big, small], method, 0.5, layer_floor=0.0)
+        same = select([big, small], method, 0.5)
+        assert all(np.array_equal(a.rows, b.rows) for a, b in zip(off, same, strict=True))

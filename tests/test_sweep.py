@@ -81,7 +81,7 @@ def test_sweep_points_equal_separate_prune_runs(files):
     """Sharing one calibration pass changes nothing: each point is what `prune` would give."""
     model, calib, evaluation, _ = files
     result = sweep(model, calib, evaluation, [Variant.parse("sipp-hybrid", "obs")], [0.6])
-    alone = prune_model(model, calib, PruneConfig(sparsity=0.6, refit="obs"))
+    alone = prune_model(model, calib, PruneConfig(sparsity=0.6, method="sipp-hybrid", refit="obs"))
     from sipp_onnx.evaluate import evaluate
 
     expected = evaluate(model, evaluation, compare=alone.model).compare

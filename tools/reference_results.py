@@ -26,12 +26,12 @@ from sipp_onnx.evaluate import evaluate
 MODELS = ("lenet300", "cnn", "tokens")
 # (method, reduction, terms, refit, sequential); the default first, then the alternatives.
 VARIANTS = (
-    ("sipp-hybrid", "max", "absolute", "obs", False),
-    ("sipp-hybrid", "max", "absolute", "obs", True),
-    ("sipp-hybrid", "max", "absolute", "bias", False),
-    ("sipp-hybrid", "max", "absolute", "none", False),
     ("sipp-det", "max", "absolute", "obs", False),
+    ("sipp-det", "max", "absolute", "obs", True),
+    ("sipp-det", "max", "absolute", "bias", False),
     ("sipp-det", "max", "absolute", "none", False),
+    ("sipp-hybrid", "max", "absolute", "obs", False),
+    ("sipp-hybrid", "max", "absolute", "none", False),
     ("sipp-rand", "max", "absolute", "obs", False),
     ("sipp-rand", "max", "absolute", "none", False),
     ("sipp-det", "mean", "absolute", "none", False),
@@ -94,7 +94,7 @@ def markdown(rows: list[dict], sparsities: list[float], seconds: float) -> str:
     lines = [
         "Test accuracy (%) after pruning to each sparsity; produced by `python tools/reference_results.py "
         f"--write-readme` (sipp-onnx {__version__}, {platform.machine()}, {seconds:.0f} s). "
-        "The default (sipp-hybrid, max, absolute, refit obs) comes first, then the other SiPP "
+        "The default (sipp-det, max, absolute, refit obs, layer floor 0.25) comes first, then the other SiPP "
         "variants, with and without refit, and the spec's signed terms; reduction and terms do not "
         "apply to magnitude and wanda. '+seq' is --sequential. See docs/algorithm.md for what they "
         "mean. 400 test images: 0.25 points each.",
