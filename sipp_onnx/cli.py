@@ -139,6 +139,22 @@ def main() -> None:
     "(one calibration pass per layer depth).",
 )
 @click.option(
+    "--layer-floor",
+    type=click.FloatRange(0.0, 1.0),
+    default=PruneConfig.layer_floor,
+    show_default=True,
+    help="sipp-det/magnitude: every weight tensor keeps at least this fraction of the average kept "
+    "fraction, so one global threshold cannot wipe out a layer. 0: off.",
+)
+@click.option(
+    "--max-points",
+    type=click.IntRange(min=1),
+    default=PruneConfig.max_points,
+    show_default=True,
+    help="Calibration points per layer for the max reduction (conv positions/tokens beyond it are "
+    "sampled per batch).",
+)
+@click.option(
     "--mask-input",
     default="auto",
     show_default=True,
@@ -189,6 +205,8 @@ def prune(
     terms: str,
     refit: str,
     sequential: bool,
+    layer_floor: float,
+    max_points: int,
     mask_input: str,
     seed: int,
     max_samples: int | None,
@@ -213,6 +231,8 @@ def prune(
             terms=Terms(terms),
             refit=Refit(refit),
             sequential=sequential,
+            layer_floor=layer_floor,
+            max_points=max_points,
             mask_input=mask_input,
             seed=seed,
             max_samples=max_samples,
@@ -377,9 +397,9 @@ if __name__ == "__main__":  # pragma: no cover
 @click.argument("evaluation", type=click.Path(path_type=Path))
 @click.option(
     "--methods",
-    default="sipp-hybrid,magnitude,wanda",
+    default="sipp-det,sipp-det+none,sipp-hybrid,magnitude,wanda",
     show_default=True,
-    help="Comma-separated METHOD or METHOD+REFIT (e.g. sipp-hybrid+none,magnitude+obs); a bare "
+    help="Comma-separated METHOD or METHOD+REFIT (e.g. sipp-det+none,magnitude+obs); a bare "
     "METHOD uses --refit.",
 )
 @click.option("--sparsities", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated targets.")
@@ -420,6 +440,10 @@ if __name__ == "__main__":  # pragma: no cover
     help="Directory for sweep.json/csv/png.",
 )
 @click.option("--mask-input", default="auto", show_default=True, help="As for prune.")
+@click.option(
+    "--layer-floor", type=click.FloatRange(0.0, 1.0), default=PruneConfig.layer_floor, show_default=True
+)
+@click.option("--max-points", type=click.IntRange(min=1), default=PruneConfig.max_points, show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No progress; the table only.")
 def sweep_command(
     model: Path,
@@ -439,6 +463,8 @@ def sweep_command(
     provider: str,
     exclude: tuple[str, ...],
     mask_input: str,
+    layer_floor: float,
+    max_points: int,
     out_dir: Path,
     quiet: bool,
 ) -> None:
@@ -463,6 +489,8 @@ def sweep_command(
             provider=Provider(provider),
             exclude=exclude,
             mask_input=mask_input,
+            layer_floor=layer_floor,
+            max_points=max_points,
         )
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"--out {str(out_dir)!r} exists and is not a directory")

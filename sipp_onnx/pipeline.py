@@ -154,7 +154,7 @@ def prune_model(
     if output is not None and not isinstance(model, onnx.ModelProto):
         check_output_path(Path(model), Path(output), overwrite, False)  # fail before the long part
     prepared = prepare(model, calibration, config, progress)
-    return apply(prepared, config, output=output, overwrite=overwrite, progress=progress)
+    return apply(prepared, config, output=output, overwrite=overwrite, progress=progress, copy_model=False)
 
 
 def prepare(
@@ -245,18 +245,23 @@ def apply(
     output: str | Path | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    copy_model: bool = True,
 ) -> PruneResult:
     """Select, refit, rewrite and (optionally) save, on a copy of the prepared model.
 
     `config` may differ from the one used by `prepare` in method, sparsity, refit and seed, as
-    long as the prepared statistics cover it (else ConfigError).
+    long as the prepared statistics cover it (else ConfigError). `copy_model=False` rewrites the
+    prepared model itself (one prune, no second copy of the weights in memory); `prepared` is
+    then used up.
     """
     _check_covers(prepared, config)
     t0 = time.perf_counter()
     timings = dict(prepared.timings)
     found, weights, stats, data = prepared.found, prepared.weights, prepared.stats, prepared.data
-    proto = onnx.ModelProto()
-    proto.CopyFrom(prepared.proto)
+    proto = prepared.proto
+    if copy_model:
+        proto = onnx.ModelProto()
+        proto.CopyFrom(prepared.proto)
     protos = tensor_protos(proto)
     out_path = Path(output) if output is not None else None
     if out_path is not None:
@@ -557,6 +562,8 @@ def _report(
         refit=config.refit.value,
         sequential=config.sequential,
         mask_input=mask_input,
+        layer_floor=config.layer_floor,
+        max_points=config.max_points,
         seed=config.seed,
         sparsity_target=config.sparsity,
         sparsity_achieved=1.0 - kept / total,

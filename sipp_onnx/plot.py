@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .config import Method
 from .errors import OutputError
 
 if TYPE_CHECKING:
@@ -34,9 +35,13 @@ def plot_sweep(result: SweepResult, path: Path, title: str | None = None) -> Pat
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     try:
         xs = [s * 100 for s in result.sparsities]
-        for variant in result.variants:
+        cmap = plt.get_cmap("tab20" if len(result.variants) > 10 else "tab10")
+        ours = {m.value for m in Method}
+        for i, variant in enumerate(result.variants):
             ys = [result.value(variant, s) * scale for s in result.sparsities]
-            ax.plot(xs, ys, marker="o", label=variant)
+            own = variant.split("+")[0].split("[")[0] in ours
+            style = "-" if own else ":"  # other tools' lines dotted
+            ax.plot(xs, ys, marker="o", linestyle=style, color=cmap(i % cmap.N), label=variant)
         ax.axhline(result.dense * scale, color="black", linestyle="--", linewidth=1, label="dense")
         ax.set_xlabel("sparsity (%)")
         ax.set_ylabel(result.metric + (" (%)" if result.metric == "accuracy" else ""))

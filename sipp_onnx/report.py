@@ -93,6 +93,8 @@ class PruneReport:
     sequential: bool
     mask_input: str | None
     """Graph input whose zeros marked padding tokens (not calibration points)."""
+    layer_floor: float
+    max_points: int | None
     seed: int
     sparsity_target: float
     sparsity_achieved: float

@@ -103,6 +103,15 @@ class SweepResult:
         ]
         return max(ok) if ok else None
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> SweepResult:
+        """Inverse of `to_dict` (e.g. to re-plot a sweep.json)."""
+        fields = {k: v for k, v in doc.items() if k not in ("points", "within_1pct")}
+        points = [
+            SweepPoint(**{**p, "comparison": Comparison(**p["comparison"])}) for p in doc.get("points", [])
+        ]
+        return cls(**fields, points=points)
+
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["within_1pct"] = {v: self.max_sparsity_within(v) for v in self.variants}

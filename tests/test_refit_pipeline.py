@@ -159,3 +159,17 @@ def test_cli_refit_options(tmp_path, mlp_files, cli):
     assert all(layer["refit"]["error_after"] <= layer["refit"]["error_before"] for layer in data["layers"])
     bad = cli("prune", model, calib, "-o", tmp_path / "x.onnx", "--refit", "ols")
     assert bad.exit_code != 0 and "ols" in bad.output
+
+
+def test_cli_layer_floor_and_max_points(tmp_path, mlp_files, cli):
+    model, calib = mlp_files
+    report = tmp_path / "r.json"
+    args = ["prune", model, calib, "-o", tmp_path / "o.onnx", "--sparsity", "0.9", "--report", report]
+    assert cli(*args, "--layer-floor", "0.5", "--max-points", "100").exit_code == 0
+    data = json.loads(report.read_text())
+    assert data["layer_floor"] == 0.5 and data["max_points"] == 100
+    average = 1 - data["sparsity_achieved"]
+    for layer in data["layers"]:
+        assert layer["kept"] >= 0.5 * average * layer["params"] - 1
+    bad = cli(*args, "--overwrite", "--layer-floor", "1.5")
+    assert bad.exit_code != 0 and "1.5" in bad.output

@@ -146,3 +146,13 @@ def test_apply_refuses_what_prepare_did_not_measure(files):
     measured = prepare(model, calib, PruneConfig(method="sipp-det"))
     with pytest.raises(ConfigError, match="reduction and terms"):
         apply(measured, PruneConfig(method="sipp-det", reduction="mean"))
+
+
+def test_sweep_json_round_trips(files, tmp_path):
+    from sipp_onnx.sweep import SweepResult, write_sweep
+
+    model, calib, evaluation, _ = files
+    result = sweep(model, calib, evaluation, [Variant.parse("magnitude", "none")], [0.3, 0.6])
+    write_sweep(result, tmp_path / "s", plot=False)
+    back = SweepResult.from_dict(json.loads((tmp_path / "s" / "sweep.json").read_text()))
+    assert back.points == result.points and back.variants == result.variants and back.dense == result.dense

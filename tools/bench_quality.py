@@ -39,7 +39,7 @@ from sipp_onnx.calibration import open_calibration
 from sipp_onnx.discover import discover
 from sipp_onnx.evaluate import Reference
 from sipp_onnx.modelio import model_inputs
-from sipp_onnx.plot import PlotUnavailable
+from sipp_onnx.plot import PlotUnavailable, plot_sweep
 from sipp_onnx.sweep import SweepPoint, SweepResult, Variant, sweep, write_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,10 +292,20 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "quality")
     parser.add_argument("--no-peer", action="store_true", help="Skip the onnxsim peer.")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--replot", action="store_true", help="Only redraw the plots (and docs images) from OUT/*/sweep.json."
+    )
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     sparsities = [float(s) for s in args.sparsities.split(",")]
     wanted = args.models.split(",")
+    if args.replot:
+        for name in wanted:
+            doc = json.loads((args.out / name / "sweep.json").read_text())
+            plot_sweep(SweepResult.from_dict(doc), args.out / name / "sweep.png")
+            if args.write_docs:
+                shutil.copyfile(args.out / name / "sweep.png", ROOT / "docs" / "img" / f"quality_{name}.png")
+        return 0
     chosen = [b for b in benches(ROOT / "models", args.bench_models) if b.name in wanted]
     missing = [b.name for b in chosen if not b.model.exists()]
     if missing:
