@@ -22,7 +22,7 @@ from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
 from .modelio import check_output_path
 from .pipeline import prune_model
-from .sweep import SweepPoint, Variant, sweep, write_sweep
+from .sweep import SWEEP_FILES, SweepPoint, Variant, sweep, write_sweep
 
 
 def _run(action: Callable[[], Any]) -> Any:
@@ -444,6 +444,7 @@ if __name__ == "__main__":  # pragma: no cover
     "--layer-floor", type=click.FloatRange(0.0, 1.0), default=PruneConfig.layer_floor, show_default=True
 )
 @click.option("--max-points", type=click.IntRange(min=1), default=PruneConfig.max_points, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace sweep.json/csv/png already in OUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; the table only.")
 def sweep_command(
     model: Path,
@@ -466,6 +467,7 @@ def sweep_command(
     layer_floor: float,
     max_points: int,
     out_dir: Path,
+    overwrite: bool,
     quiet: bool,
 ) -> None:
     """Prune MODEL at every sparsity with every method; evaluate each result on EVALUATION.
@@ -494,6 +496,9 @@ def sweep_command(
         )
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"--out {str(out_dir)!r} exists and is not a directory")
+        taken = [n for n in SWEEP_FILES if (out_dir / n).exists()]
+        if taken and not overwrite:
+            raise OutputError(f"{str(out_dir / taken[0])!r} already exists (use --overwrite to replace it)")
         total = len(variants) * len(targets)
         done = [0]
         progress = _Progress(not quiet)

@@ -32,6 +32,7 @@ from .report import json_safe
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "top1_agreement", "cosine")
+SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.png")
 
 
 @dataclass(frozen=True)
@@ -279,14 +280,14 @@ def write_sweep(result: SweepResult, out_dir: Path, plot: bool = True) -> list[P
     """Write sweep.json, sweep.csv and (with matplotlib) sweep.png into `out_dir`, atomically.
     Returns the written paths; the plot is skipped (and logged) when matplotlib is missing."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    written = [out_dir / "sweep.json", out_dir / "sweep.csv"]
+    written = [out_dir / SWEEP_FILES[0], out_dir / SWEEP_FILES[1]]
     write_text_atomic(written[0], json.dumps(json_safe(result.to_dict()), indent=2) + "\n")
     write_text_atomic(written[1], result.to_csv())
     if plot:
         from .plot import PlotUnavailable, plot_sweep
 
         try:
-            written.append(plot_sweep(result, out_dir / "sweep.png"))
+            written.append(plot_sweep(result, out_dir / SWEEP_FILES[2]))
         except PlotUnavailable as exc:
             log.warning("%s", exc)
     return written

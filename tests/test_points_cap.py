@@ -42,6 +42,4 @@ def test_pipeline_cap_follows_the_sample_count():
     for node in everything.stats:
         np.testing.assert_array_equal(everything.stats[node].sensitivity, roomy.stats[node].sensitivity)
         assert np.all(tight.stats[node].sensitivity <= everything.stats[node].sensitivity + 1e-7)
-    assert any(
-        np.any(tight.stats[n].sensitivity < everything.stats[n].sensitivity) for n in everything.stats
-    )
+    assert any(np.any(tight.stats[n].sensitivity < everything.stats[n].sensitivity) for n in everything.stats)

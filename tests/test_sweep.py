@@ -69,6 +69,9 @@ def test_cli_sweep_writes_every_point_once_calibrated(files, tmp_path, cli, coun
     assert {r["variant"] for r in rows} == set(labels)
     for label in labels:  # the printed table has one row per variant
         assert any(line.startswith(label + " ") for line in result.stdout.splitlines())
+    again = cli("sweep", model, calib, evaluation, "--methods", "magnitude", "--out", out)
+    assert again.exit_code == 1 and "already exists (use --overwrite" in again.stderr
+    assert json.loads((out / "sweep.json").read_text())["variants"] == labels  # untouched
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -100,7 +103,9 @@ def test_sweep_without_matplotlib_still_runs(files, tmp_path, cli, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     model, calib, evaluation, _ = files
     out = tmp_path / "s"
-    result = cli("sweep", model, calib, evaluation, "--methods", "magnitude", "--sparsities", "0.5", "--out", out)
+    result = cli(
+        "sweep", model, calib, evaluation, "--methods", "magnitude", "--sparsities", "0.5", "--out", out
+    )
     assert result.exit_code == 0, result.output
     assert "pip install 'sipp-onnx[plot]'" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["sweep.csv", "sweep.json"]
