@@ -77,7 +77,7 @@ def damped(gram: np.ndarray, damp: float = DAMP) -> np.ndarray:
     return h
 
 
-def solve_exact(w0: np.ndarray, keep: np.ndarray, h: np.ndarray, chunk_bytes: int = 1 << 27) -> np.ndarray:
+def solve_exact(w0: np.ndarray, keep: np.ndarray, h: np.ndarray, chunk_bytes: int = 1 << 25) -> np.ndarray:
     """Rows minimising `(w - w0)^T h (w - w0)` with `w = 0` where `keep` is False (per row)."""
     n, k = w0.shape
     w0 = w0.astype(np.float64)
