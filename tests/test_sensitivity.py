@@ -608,3 +608,21 @@ def test_absolute_shares_sum_to_one_and_bound_the_pruned_error():
         error = np.abs((np.where(pruned, rows, 0) * point).sum(axis=1))
         mass = (np.abs(rows) * np.abs(point)).sum(axis=1)
         assert np.all(error <= eps * mass * (1 + 1e-5) + 1e-9)
+
+
+def test_max_times_pointwise_path_gives_the_same_bits(monkeypatch):
+    """Large layers take the point-by-point path: same products, same maxima, same bits."""
+    import sipp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(3)
+    r = rng.random((2, 40, 300)).astype(np.float32)
+    a = rng.random((2, 40, 256)).astype(np.float32)
+    direct = (r[:, :, :, None] * a[:, :, None, :]).max(axis=1)
+    results = []
+    for threshold in (1, 1 << 40):  # pointwise, chunked
+        monkeypatch.setattr(sensitivity, "_POINTWISE_ELEMENTS", threshold)
+        out = np.zeros((2, 300, 256), dtype=np.float32)
+        sensitivity.max_times(r, a, out)
+        results.append(out)
+    np.testing.assert_array_equal(results[0], direct)
+    np.testing.assert_array_equal(results[1], direct)
