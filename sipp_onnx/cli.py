@@ -84,6 +84,93 @@ def main() -> None:
     """Prune ONNX model weights with SiPP (sensitivity-informed provable pruning)."""
 
 
+# Options of prune and sweep that decide how the calibration statistics are measured and
+# used. Their parameter names are PruneConfig's field names, so the values go straight in.
+_MEASURE_OPTIONS = (
+    click.option(
+        "--reduction",
+        type=click.Choice([r.value for r in Reduction]),
+        default=PruneConfig.reduction.value,
+        show_default=True,
+        help="How relative contributions are reduced over calibration points: max (the paper's worst "
+        "case), mean (per-sample average, worst sample), expected (average).",
+    ),
+    click.option(
+        "--terms",
+        type=click.Choice([t.value for t in Terms]),
+        default=PruneConfig.terms.value,
+        show_default=True,
+        help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
+        "(the spec: within each sign part, inputs split by sign).",
+    ),
+    click.option(
+        "--layer-floor",
+        type=click.FloatRange(0.0, 1.0),
+        default=PruneConfig.layer_floor,
+        show_default=True,
+        help="sipp-det/magnitude: every weight tensor keeps at least this fraction of the average kept "
+        "fraction, so one global threshold cannot wipe out a layer. 0: off.",
+    ),
+    click.option(
+        "--max-points",
+        type=click.IntRange(min=1),
+        default=PruneConfig.max_points,
+        show_default=True,
+        help="Calibration points per layer for the max reduction (conv positions/tokens beyond it are "
+        "sampled per batch).",
+    ),
+    click.option(
+        "--mask-input",
+        default=PruneConfig.mask_input,
+        show_default=True,
+        help="Input marking padding tokens with 0 (e.g. attention_mask); padding is not calibration "
+        "data. auto: detect by name; none: off.",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=PruneConfig.seed,
+        show_default=True,
+        help="Seed of sipp-rand/sipp-hybrid and of the --max-points subsets.",
+    ),
+    click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples."),
+    click.option(
+        "--batch-size",
+        type=int,
+        default=PruneConfig.batch_size,
+        show_default=True,
+        help="Samples per ONNX Runtime run.",
+    ),
+    click.option(
+        "--provider",
+        type=click.Choice([p.value for p in Provider]),
+        default=PruneConfig.provider.value,
+        show_default=True,
+        help="ONNX Runtime execution provider for the calibration pass.",
+    ),
+    click.option(
+        "--exclude",
+        multiple=True,
+        metavar="REGEX",
+        help="Leave nodes whose name matches REGEX unpruned (repeatable).",
+    ),
+    click.option(
+        "--op-types",
+        default=",".join(PRUNABLE_OP_TYPES),
+        show_default=True,
+        callback=_split_op_types,
+        help="Op types to prune.",
+    ),
+)
+
+
+def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Apply `_MEASURE_OPTIONS` (in --help order)."""
+    for option in reversed(_MEASURE_OPTIONS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("calibration", type=click.Path(path_type=Path))
@@ -109,22 +196,6 @@ def main() -> None:
     help="Which weights to keep.",
 )
 @click.option(
-    "--reduction",
-    type=click.Choice([r.value for r in Reduction]),
-    default=PruneConfig.reduction.value,
-    show_default=True,
-    help="How relative contributions are reduced over calibration points: max (the paper's worst "
-    "case), mean (per-sample average, worst sample), expected (average).",
-)
-@click.option(
-    "--terms",
-    type=click.Choice([t.value for t in Terms]),
-    default=PruneConfig.terms.value,
-    show_default=True,
-    help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
-    "(the spec: within each sign part, inputs split by sign).",
-)
-@click.option(
     "--refit",
     type=click.Choice([r.value for r in Refit]),
     default=PruneConfig.refit.value,
@@ -138,52 +209,7 @@ def main() -> None:
     help="Measure each layer on the outputs of the already pruned earlier layers "
     "(one calibration pass per layer depth).",
 )
-@click.option(
-    "--layer-floor",
-    type=click.FloatRange(0.0, 1.0),
-    default=PruneConfig.layer_floor,
-    show_default=True,
-    help="sipp-det/magnitude: every weight tensor keeps at least this fraction of the average kept "
-    "fraction, so one global threshold cannot wipe out a layer. 0: off.",
-)
-@click.option(
-    "--max-points",
-    type=click.IntRange(min=1),
-    default=PruneConfig.max_points,
-    show_default=True,
-    help="Calibration points per layer for the max reduction (conv positions/tokens beyond it are "
-    "sampled per batch).",
-)
-@click.option(
-    "--mask-input",
-    default="auto",
-    show_default=True,
-    help="Input marking padding tokens with 0 (e.g. attention_mask); padding is not calibration data. "
-    "auto: detect by name; none: off.",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sipp-rand/sipp-hybrid.")
-@click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Samples per ONNX Runtime run.")
-@click.option(
-    "--provider",
-    type=click.Choice([p.value for p in Provider]),
-    default="auto",
-    show_default=True,
-    help="ONNX Runtime execution provider for the calibration pass.",
-)
-@click.option(
-    "--exclude",
-    multiple=True,
-    metavar="REGEX",
-    help="Leave nodes whose name matches REGEX unpruned (repeatable).",
-)
-@click.option(
-    "--op-types",
-    default=",".join(PRUNABLE_OP_TYPES),
-    show_default=True,
-    callback=_split_op_types,
-    help="Op types to prune.",
-)
+@_measure_options
 @click.option(
     "--report",
     "report_path",
@@ -201,24 +227,14 @@ def prune(
     output: Path | None,
     sparsity: float,
     method: str,
-    reduction: str,
-    terms: str,
     refit: str,
     sequential: bool,
-    layer_floor: float,
-    max_points: int,
-    mask_input: str,
-    seed: int,
-    max_samples: int | None,
-    batch_size: int,
-    provider: str,
-    exclude: tuple[str, ...],
-    op_types: tuple[str, ...],
     report_path: Path | None,
     overwrite: bool,
     no_verify: bool,
     quiet: bool,
     verbose: bool,
+    **measure: Any,
 ) -> None:
     """Prune MODEL using CALIBRATION data (.npz keyed by input name, .npy, or a directory)."""
     _setup_logging(verbose, quiet)
@@ -227,20 +243,10 @@ def prune(
         config = PruneConfig(
             sparsity=sparsity,
             method=Method(method),
-            reduction=Reduction(reduction),
-            terms=Terms(terms),
             refit=Refit(refit),
             sequential=sequential,
-            layer_floor=layer_floor,
-            max_points=max_points,
-            mask_input=mask_input,
-            seed=seed,
-            max_samples=max_samples,
-            batch_size=batch_size,
-            provider=Provider(provider),
-            exclude=exclude,
-            op_types=op_types,
             verify=not no_verify,
+            **measure,
         )
         out = output if output is not None else _default_output(model)
         if report_path is not None:
@@ -411,15 +417,6 @@ if __name__ == "__main__":  # pragma: no cover
     help="Refit of the methods given without one.",
 )
 @click.option(
-    "--reduction",
-    type=click.Choice([r.value for r in Reduction]),
-    default=PruneConfig.reduction.value,
-    show_default=True,
-)
-@click.option(
-    "--terms", type=click.Choice([t.value for t in Terms]), default=PruneConfig.terms.value, show_default=True
-)
-@click.option(
     "--metric",
     type=click.Choice(["accuracy", "top1_agreement", "cosine"]),
     default=None,
@@ -427,11 +424,7 @@ if __name__ == "__main__":  # pragma: no cover
 )
 @click.option("--labels", "labels_key", default="labels", show_default=True, help="Key of the labels array.")
 @click.option("--output", "output_name", default=None, help="Model output to score [default: the first].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-samples", type=int, default=None, help="Use at most N calibration samples.")
-@click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--provider", type=click.Choice([p.value for p in Provider]), default="auto", show_default=True)
-@click.option("--exclude", multiple=True, metavar="REGEX", help="As for prune.")
+@_measure_options
 @click.option(
     "--out",
     "out_dir",
@@ -439,11 +432,6 @@ if __name__ == "__main__":  # pragma: no cover
     required=True,
     help="Directory for sweep.json/csv/png.",
 )
-@click.option("--mask-input", default="auto", show_default=True, help="As for prune.")
-@click.option(
-    "--layer-floor", type=click.FloatRange(0.0, 1.0), default=PruneConfig.layer_floor, show_default=True
-)
-@click.option("--max-points", type=click.IntRange(min=1), default=PruneConfig.max_points, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace sweep.json/csv/png already in OUT.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress; the table only.")
 def sweep_command(
@@ -453,22 +441,13 @@ def sweep_command(
     methods: str,
     sparsities: str,
     refit: str,
-    reduction: str,
-    terms: str,
     metric: str | None,
     labels_key: str,
     output_name: str | None,
-    seed: int,
-    max_samples: int | None,
-    batch_size: int,
-    provider: str,
-    exclude: tuple[str, ...],
-    mask_input: str,
-    layer_floor: float,
-    max_points: int,
     out_dir: Path,
     overwrite: bool,
     quiet: bool,
+    **measure: Any,
 ) -> None:
     """Prune MODEL at every sparsity with every method; evaluate each result on EVALUATION.
 
@@ -482,18 +461,7 @@ def sweep_command(
             targets = [float(s) for s in sparsities.split(",") if s.strip()]
         except ValueError:
             raise ConfigError(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
-        config = PruneConfig(
-            reduction=Reduction(reduction),
-            terms=Terms(terms),
-            seed=seed,
-            max_samples=max_samples,
-            batch_size=batch_size,
-            provider=Provider(provider),
-            exclude=exclude,
-            mask_input=mask_input,
-            layer_floor=layer_floor,
-            max_points=max_points,
-        )
+        config = PruneConfig(**measure)
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"--out {str(out_dir)!r} exists and is not a directory")
         taken = [n for n in SWEEP_FILES if (out_dir / n).exists()]
