@@ -49,6 +49,9 @@ class LayerStatistics:
     """`[G, K, K]` float64 sum over points of `x x^T` per group (only when asked: the refit)."""
     input_sum: np.ndarray | None = None
     """`[G, K]` float64 sum over points of `x` per group (with `gram`)."""
+    gram_points: int = 0
+    """Points in `gram` and `input_sum`: a random subset of the positions when a sample has more
+    than the per-sample cap, else `points`."""
 
 
 def reciprocal(z: np.ndarray) -> np.ndarray:
@@ -154,6 +157,7 @@ class _Accumulator:
         self._gram = np.zeros((groups, k, k), dtype=np.float64) if gram else None
         self._sum = np.zeros((groups, k), dtype=np.float64) if gram else None
         self.points = 0
+        self.gram_points = 0
         self.patches_per_sample = 1
         self.max_points_per_sample = max_points_per_sample
         self._rng = np.random.default_rng(seed)
@@ -167,19 +171,20 @@ class _Accumulator:
         self.points += batch * n_points if valid is None else valid
         self.patches_per_sample = n_points
         self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
+        cap = self.max_points_per_sample
+        sub = patches
+        if cap is not None and n_points > cap and valid is None:
+            # The max-times product (points x N x K, no BLAS form) and the refit's Gram matrix
+            # (points x K^2 per group) run over a random subset of each batch's positions.
+            chosen = np.sort(self._rng.choice(n_points, size=cap, replace=False))
+            sub = patches[..., chosen]
         if self._gram is not None and self._sum is not None:
-            points = patches.transpose(1, 2, 0, 3).reshape(groups, d, -1).astype(np.float64)
-            self._gram += np.matmul(points, points.transpose(0, 2, 1))
-            self._sum += points.sum(axis=2)
+            self._add_gram(sub)
+            self.gram_points += batch * sub.shape[3] if sub is not patches or valid is None else valid
         if not self.compute_sensitivity:
             return
-        cap = self.max_points_per_sample
-        if self.reduction == "max" and cap is not None and n_points > cap:
-            # The max-times product costs points x N x K with no BLAS form; beyond `cap` points
-            # per sample the max runs over a random subset of each batch's positions.
-            chosen = np.sort(self._rng.choice(n_points, size=cap, replace=False))
-            patches = patches[..., chosen]
-            n_points = cap
+        if self.reduction == "max":
+            patches, n_points = sub, sub.shape[3]
         inputs = _absolute_samples(patches) if self.terms == "absolute" else _sample_parts(patches)
         for part in inputs:
             for w_part, best in self._parts:
@@ -192,6 +197,20 @@ class _Accumulator:
                     _max_of_sample_means(recip, part, best)
                 else:
                     best += np.matmul(recip, part.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
+
+    def _add_gram(self, patches: np.ndarray) -> None:
+        """Add `sum x x^T` and `sum x` of the points `[B, G, d, L]` to the running float64 sums.
+
+        Each batch's product is float32 `X X^T` of one group at a time (2-D, so NumPy hands it
+        to BLAS syrk: 4x the float64 speed); only the running sums are float64.
+        """
+        assert self._gram is not None and self._sum is not None
+        groups, d = patches.shape[1], patches.shape[2]
+        points = np.ascontiguousarray(patches.transpose(1, 2, 0, 3)).reshape(groups, d, -1)
+        for g in range(groups):
+            x = points[g]
+            self._gram[g] += x @ x.T
+            self._sum[g] += x.sum(axis=1, dtype=np.float64)
 
     def result(self) -> LayerStatistics:
         w = self.rows
@@ -209,7 +228,9 @@ class _Accumulator:
             sqnorm = np.broadcast_to(self._sqnorm[0], (n_out, k))
         else:
             sqnorm = np.repeat(self._sqnorm, n_out // self.groups, axis=0)
-        return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum)
+        return LayerStatistics(
+            sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum, self.gram_points
+        )
 
 
 def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:

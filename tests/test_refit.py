@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 from naive import naive_patches
 
 from sipp_onnx.layers import ConvGeometry
-from sipp_onnx.refit import damped, refit_layer, solve_exact, solve_sweep
+from sipp_onnx.refit import (
+    damped,
+    inverse_cholesky_upper,
+    refit_layer,
+    solve_exact,
+    solve_sweep,
+    upper_inverse,
+)
 from sipp_onnx.sensitivity import ConvAccumulator, DenseAccumulator
 
 
@@ -68,16 +75,31 @@ def test_sweep_is_exact_when_pruned_weights_come_first():
     keep = np.zeros((4, 8), dtype=bool)
     keep[:, 3:] = True
     h = x.T @ x
-    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3), lstsq_rows(x, w0, keep), atol=1e-8)
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3, dtype=np.float64), lstsq_rows(x, w0, keep), atol=1e-8)
 
 
 def test_sweep_blocks_do_not_change_the_result():
     x, w0, keep = problem(n=5, k=20, points=80, seed=7)
     h = damped(x.T @ x)
-    one = solve_sweep(w0, keep, h, block=20)
-    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3), one, atol=1e-9)
-    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=7), one, atol=1e-9)
+    one = solve_sweep(w0, keep, h, block=20, dtype=np.float64)
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3, dtype=np.float64), one, atol=1e-9)
+    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=7, dtype=np.float64), one, atol=1e-9)
     assert np.all(one[~keep] == 0)
+
+
+def test_float32_sweep_is_close_to_float64_and_falls_back_when_it_cannot_factor():
+    x, w0, keep = problem(n=6, k=24, points=100, seed=8)
+    h = damped(x.T @ x)
+    ref = solve_sweep(w0, keep, h, block=5, dtype=np.float64)
+    fast = solve_sweep(w0, keep, h, block=5)
+    assert fast.dtype == np.float64 and np.all(fast[~keep] == 0)
+    np.testing.assert_allclose(fast, ref, rtol=1e-3, atol=1e-4)
+    # Rank one plus a tiny ridge: float64 factors it, float32 rounding loses positive definiteness.
+    v = np.arange(1.0, 25.0)
+    bad = np.outer(v, v) + 1e-5 * np.eye(24)
+    np.testing.assert_allclose(
+        solve_sweep(w0, keep, bad, block=5), solve_sweep(w0, keep, bad, block=5, dtype=np.float64)
+    )
 
 
 def test_bias_refit_restores_the_output_mean():
@@ -160,7 +182,43 @@ def test_conv_accumulator_gram_matches_naive_patches():
         np.testing.assert_allclose(stats.input_sum[g], pts.sum(0), rtol=1e-4, atol=1e-4)
 
 
+def test_capped_gram_is_the_exact_gram_of_a_subset_of_positions():
+    """Beyond the per-sample cap the Gram runs over cap positions per sample; whichever were
+    drawn, it is exactly their Gram, the same positions in every sample of the batch, and the
+    count the bias refit divides by is theirs."""
+    from itertools import combinations
+
+    rng = np.random.default_rng(4)
+    geom = ConvGeometry((3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 1)
+    rows = rng.normal(size=(3, 4 * 9)).astype(np.float32)
+    x = rng.normal(size=(2, 4, 6, 5)).astype(np.float32)
+    acc = ConvAccumulator(rows, geom, reduction="mean", gram=True, max_points_per_sample=3)
+    acc.update(x)
+    stats = acc.result()
+    patches = naive_patches(x, (3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 1)  # L = 12
+    assert stats.points == 24 and stats.gram_points == 6
+    matches = []
+    for chosen in combinations(range(12), 3):
+        pts = np.concatenate([patches[b, 0][:, list(chosen)].T for b in range(2)])
+        if np.allclose(stats.gram[0], pts.T @ pts, rtol=1e-4, atol=1e-4):
+            matches.append(chosen)
+            np.testing.assert_allclose(stats.input_sum[0], pts.sum(0), rtol=1e-4, atol=1e-4)
+    assert len(matches) == 1
+
+
 def test_gram_is_not_kept_unless_asked():
     acc = DenseAccumulator(np.ones((2, 3), dtype=np.float32))
     acc.update(gaussian_calibration((3,), n=4))
     assert acc.result().gram is None and acc.result().input_sum is None
+
+
+@pytest.mark.parametrize("k", [1, 7, 130, 300])
+def test_inverse_cholesky_factor_equals_the_textbook_route(k):
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(2 * k + 3, k))
+    h = damped(x.T @ x)
+    u = inverse_cholesky_upper(h)
+    np.testing.assert_allclose(u, np.linalg.cholesky(np.linalg.inv(h)).T, rtol=1e-8, atol=1e-12)
+    assert np.all(np.tril(u, -1) == 0)
+    m = np.triu(rng.normal(size=(k, k))) + 3 * k * np.eye(k)
+    np.testing.assert_allclose(upper_inverse(m, leaf=2) @ m, np.eye(k), atol=1e-12)

@@ -49,7 +49,7 @@ def resnet50(seed: int = 0) -> onnx.ModelProto:
     def conv(x: str, c_in: int, c_out: int, k: int, stride: int = 1, relu: bool = True) -> str:
         count[0] += 1
         name = f"conv{count[0]}"
-        w = rng.normal(size=(c_out, c_in, k, k)).astype(np.float32) * np.sqrt(2.0 / (c_in * k * k))
+        w = (rng.normal(size=(c_out, c_in, k, k)) * np.sqrt(2.0 / (c_in * k * k))).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"{name}.weight"))
         inits.append(numpy_helper.from_array(np.zeros(c_out, np.float32), f"{name}.bias"))
         pad = k // 2
@@ -89,7 +89,7 @@ def resnet50(seed: int = 0) -> onnx.ModelProto:
             x, c_in = out, width * 4
     nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
     nodes.append(helper.make_node("Flatten", ["gap"], ["flat"], name="flatten"))
-    w = rng.normal(size=(1000, 2048)).astype(np.float32) * np.sqrt(1.0 / 2048)
+    w = (rng.normal(size=(1000, 2048)) * np.sqrt(1.0 / 2048)).astype(np.float32)
     inits += [
         numpy_helper.from_array(w, "fc.weight"),
         numpy_helper.from_array(np.zeros(1000, np.float32), "fc.bias"),
