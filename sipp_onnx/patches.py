@@ -61,21 +61,22 @@ def conv_patches(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     out = output_spatial(geom, spatial)
     if min(out) < 1:
         raise ValueError(f"conv input of spatial size {spatial} gives an empty output {out}")
+    groups = geom.group
+    rows = channels // groups * prod(geom.kernel_shape)
+    positions = tuple(slice(None, (o - 1) * s + 1, s) for o, s in zip(out, geom.strides, strict=True))
+    if all(k == 1 for k in geom.kernel_shape) and not any(begin + end):
+        # Pointwise conv: each position's patch is its channel vector, so no window copy (a view
+        # for stride 1, the strided positions otherwise).
+        picked = x[(slice(None), slice(None), *positions)]
+        return np.ascontiguousarray(picked).reshape(batch, groups, rows, prod(out))
     padded = np.pad(x, [(0, 0), (0, 0), *zip(begin, end, strict=True)]) if any(begin + end) else x
     span = tuple((k - 1) * d + 1 for k, d in zip(geom.kernel_shape, geom.dilations, strict=True))
     axes = tuple(range(2, 2 + n))
     windows = sliding_window_view(padded, span, axis=axes)  # [B, C, o'..., span...]
-    index = (
-        slice(None),
-        slice(None),
-        *(slice(None, (o - 1) * s + 1, s) for o, s in zip(out, geom.strides, strict=True)),
-        *(slice(None, None, d) for d in geom.dilations),
-    )
+    index = (slice(None), slice(None), *positions, *(slice(None, None, d) for d in geom.dilations))
     windows = windows[index]  # [B, C, o..., k...]
-    groups = geom.group
     windows = windows.reshape(batch, groups, channels // groups, *out, *geom.kernel_shape)
     # -> [B, G, C/G, k..., o...]: patch rows in (c, k...) order, positions last.
     order = (0, 1, 2, *range(3 + n, 3 + 2 * n), *range(3, 3 + n))
     patches = windows.transpose(order)
-    d = channels // groups * prod(geom.kernel_shape)
-    return np.ascontiguousarray(patches).reshape(batch, groups, d, prod(out))
+    return np.ascontiguousarray(patches).reshape(batch, groups, rows, prod(out))

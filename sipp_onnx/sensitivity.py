@@ -55,11 +55,16 @@ class LayerStatistics:
 
 
 def reciprocal(z: np.ndarray) -> np.ndarray:
-    """`1/|z|` where `|z| > eps32`, else 0 (the spec's guard against empty sign parts)."""
-    mag = np.abs(z)
-    out = np.zeros_like(mag)
-    np.divide(1.0, mag, out=out, where=mag > EPS32)
-    return out
+    """`1/|z|` where `|z| > eps32`, else 0 (the spec's guard against empty sign parts).
+
+    Overwrites and returns `z` (a temporary product of the caller's): no second array of the
+    size of the layer's output.
+    """
+    mag = np.abs(z, out=z)
+    valid = mag > EPS32
+    np.divide(1.0, mag, out=mag, where=valid)
+    mag[~valid] = 0
+    return mag
 
 
 def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
@@ -234,9 +239,17 @@ class _Accumulator:
 
 
 def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
-    """`|a|` of the samples that have a non-zero entry (one part per sample)."""
+    """`|a|` of the samples that have a non-zero entry (one part per sample).
+
+    Inputs after a ReLU are already non-negative and usually every sample has content; then the
+    patches are used as they are, without the two copies (selection, `abs`) of the general case.
+    """
     content = patches.reshape(patches.shape[0], -1).any(axis=1)
-    return [np.abs(patches[content])] if content.any() else []
+    if not content.any():
+        return []
+    if not content.all():
+        patches = patches[content]
+    return [patches if patches.min() >= 0 else np.abs(patches)]
 
 
 def _sample_parts(patches: np.ndarray) -> list[np.ndarray]:

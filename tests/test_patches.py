@@ -65,6 +65,10 @@ CASES = {
     "2d_valid_s2_d2": ((1, 2, 9, 8), geometry((2, 2), (2, 2), (2, 2), auto_pad="VALID")),
     "2d_large_pads": ((1, 1, 3, 3), geometry((2, 2), (1, 1), pads=(2, 3, 3, 2))),
     "2d_pointwise": ((2, 3, 4, 3), geometry((1, 1))),
+    "2d_pointwise_stride2_odd": ((2, 4, 7, 5), geometry((1, 1), (2, 2))),
+    "2d_pointwise_stride_groups_dil": ((1, 6, 5, 6), geometry((1, 1), (3, 2), (2, 2), group=3)),
+    "2d_pointwise_padded": ((1, 2, 3, 3), geometry((1, 1), pads=(1, 0, 0, 1))),
+    "3d_pointwise_stride": ((1, 2, 3, 4, 5), geometry((1, 1, 1), (1, 2, 2))),
     "2d_empty_auto_pad_string": ((1, 2, 4, 4), geometry((3, 3), pads=(1, 1, 1, 1), auto_pad="")),
     # 3-D
     "3d_pads_stride_dil": (
