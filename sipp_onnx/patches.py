@@ -50,6 +50,33 @@ def output_spatial(geom: ConvGeometry, spatial: tuple[int, ...]) -> tuple[int, .
     return tuple(out)
 
 
+def patch_sqnorm(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
+    """`sum over samples and positions of patch**2`, `[G, C/G * prod(kernel)]` float64, without
+    building the patches.
+
+    Only the sum over samples is needed, so the squares are summed over the batch first; each
+    kernel offset then sums one strided window of that `[C, *spatial]` map. One pass over `x`
+    instead of the patch tensor's `prod(kernel)` copies: Wanda's whole input statistic.
+    """
+    n = geom.spatial_rank
+    channels = x.shape[1]
+    spatial = tuple(x.shape[2:])
+    begin, end = resolve_pads(geom, spatial)
+    out = output_spatial(geom, spatial)
+    squares = np.einsum("b...,b...->...", x, x, dtype=np.float64)  # [C, *spatial]
+    if any(begin + end):
+        squares = np.pad(squares, [(0, 0), *zip(begin, end, strict=True)])
+    sums = np.empty((channels, prod(geom.kernel_shape)), dtype=np.float64)
+    offsets = np.ndindex(*geom.kernel_shape)
+    for index, offset in enumerate(offsets):
+        window = tuple(
+            slice(k * d, k * d + (o - 1) * s + 1, s)
+            for k, d, o, s in zip(offset, geom.dilations, out, geom.strides, strict=True)
+        )
+        sums[:, index] = squares[(slice(None), *window)].sum(axis=tuple(range(1, n + 1)))
+    return sums.reshape(geom.group, -1)
+
+
 def conv_patches(x: np.ndarray, geom: ConvGeometry) -> np.ndarray:
     """Patch tensor `[B, G, C/G * prod(kernel), L]` of the Conv input `x` `[B, C, *spatial]`."""
     n = geom.spatial_rank

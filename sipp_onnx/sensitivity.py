@@ -21,11 +21,12 @@ This module imports numpy only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 
 from .layers import ConvGeometry
-from .patches import conv_patches
+from .patches import conv_patches, output_spatial, patch_sqnorm
 
 EPS32 = np.float32(1.1920929e-07)
 _CHUNK_ELEMENTS = 1 << 23  # ~32 MB of float32 temporaries in the max-times product
@@ -167,15 +168,17 @@ class _Accumulator:
         self.max_points_per_sample = max_points_per_sample
         self._rng = np.random.default_rng(seed)
 
-    def _accumulate(self, patches: np.ndarray, valid: int | None = None) -> None:
+    def _accumulate(self, patches: np.ndarray, valid: int | None = None, sqnorm: bool = True) -> None:
         """`valid`: how many of the points are real (masked-out points are all zero and add
-        nothing to any statistic; they only must not be counted)."""
+        nothing to any statistic; they only must not be counted). `sqnorm=False`: the caller
+        has added the batch's squared norms already."""
         batch, groups, d, n_points = patches.shape
         if d != self.rows.shape[1]:
             raise ValueError(f"layer input points have {d} entries, the weight rows {self.rows.shape[1]}")
         self.points += batch * n_points if valid is None else valid
         self.patches_per_sample = n_points
-        self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
+        if sqnorm:
+            self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
         cap = self.max_points_per_sample
         sub = patches
         if cap is not None and n_points > cap and valid is None:
@@ -341,5 +344,19 @@ class ConvAccumulator(_Accumulator):
         self.geom = geom
 
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
-        """`token_mask` is accepted for a uniform interface; conv inputs have no tokens."""
-        self._accumulate(conv_patches(np.asarray(x, dtype=np.float32), self.geom))
+        """`token_mask` is accepted for a uniform interface; conv inputs have no tokens.
+
+        The squared norms come straight from `x`; the patches are only built when the
+        sensitivities or the Gram matrix need them (not for Wanda).
+        """
+        x = np.asarray(x, dtype=np.float32)
+        channels = self.geom.group * self.rows.shape[1] // prod(self.geom.kernel_shape)
+        if x.ndim < 2 or x.shape[1] != channels:
+            raise ValueError(f"conv input of shape {x.shape}, the weight expects {channels} channels")
+        self._sqnorm += patch_sqnorm(x, self.geom)
+        if self.compute_sensitivity or self._gram is not None:
+            self._accumulate(conv_patches(x, self.geom), sqnorm=False)
+            return
+        positions = prod(output_spatial(self.geom, tuple(x.shape[2:])))
+        self.points += x.shape[0] * positions
+        self.patches_per_sample = positions

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from naive import naive_conv, naive_output_spatial, naive_pads, naive_patches
 
 from sipp_onnx.layers import ConvGeometry
-from sipp_onnx.patches import conv_patches, output_spatial, resolve_pads
+from sipp_onnx.patches import conv_patches, output_spatial, patch_sqnorm, resolve_pads
 
 
 def geometry(kernel, strides=None, dilations=None, pads=None, auto_pad="NOTSET", group=1):
@@ -160,6 +160,8 @@ def test_conv_patches_match_naive(name):
         prod(out),
     )
     np.testing.assert_array_equal(got, want)
+    squares = np.einsum("bgdl,bgdl->gd", want.astype(np.float64), want.astype(np.float64))
+    np.testing.assert_allclose(patch_sqnorm(x, geom), squares, rtol=1e-6)
 
 
 def test_conv_patches_float64_input_is_exact():
@@ -192,7 +194,10 @@ def test_conv_patches_random_geometry(rank, data):
     spatial = tuple(data.draw(st.integers(s, s + extra)) for s in spans)
     geom = geometry(kernel, strides, dilations, pads, auto_pad, group)
     x = _input((batch, group * cg, *spatial), seed=rank)
-    np.testing.assert_array_equal(conv_patches(x, geom), naive_of(x, geom))
+    want = naive_of(x, geom)
+    np.testing.assert_array_equal(conv_patches(x, geom), want)
+    squares = np.einsum("bgdl,bgdl->gd", want.astype(np.float64), want.astype(np.float64))
+    np.testing.assert_allclose(patch_sqnorm(x, geom), squares, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ ONNX Runtime oracle

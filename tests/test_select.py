@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sipp_onnx.select import WeightScores, budget, select
+from sipp_onnx.select import WeightScores, budget, row_top, select
 
 
 def make_weights(seed=0, shapes=((12, 30), (8, 12), (5, 8)), zeros=0.0):
@@ -161,3 +161,25 @@ def test_layer_floor_keeps_a_share_of_a_layer_the_threshold_would_wipe_out():
         off = select([big, small], method, 0.5, layer_floor=0.0)
         same = select([big, small], method, 0.5)
         assert all(np.array_equal(a.rows, b.rows) for a, b in zip(off, same, strict=True))
+
+
+def slow_row_top(score, tiebreak, k):
+    """One row at a time: sort by (score desc, tiebreak desc, position asc), keep the first k."""
+    mask = np.zeros(score.shape, dtype=bool)
+    for i in range(score.shape[0]):
+        order = sorted(range(score.shape[1]), key=lambda j: (-score[i, j], -tiebreak[i, j], j))
+        mask[i, order[: max(0, int(k[i]))]] = True
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_row_top_equals_a_full_sort_per_row_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n, width = 40, 9
+    # Few distinct values, so many rows have ties at their threshold.
+    score = rng.integers(0, 4, size=(n, width)).astype(np.float64)
+    tiebreak = rng.integers(0, 3, size=(n, width)).astype(np.float64)
+    k = rng.integers(-1, width + 2, size=n)
+    np.testing.assert_array_equal(row_top(score, tiebreak, k), slow_row_top(score, tiebreak, k))
+    unique = rng.permutation(n * width).reshape(n, width).astype(np.float64)
+    np.testing.assert_array_equal(row_top(unique, tiebreak, k), slow_row_top(unique, tiebreak, k))

@@ -395,6 +395,18 @@ def test_conv_input_sqnorm_matches_naive(name):
         res = conv_lib(rows, geom, [x], reduction)
         assert res.input_sqnorm.shape == rows.shape
         close(res.input_sqnorm, naive_conv_sqnorm(rows, x, **conv_args(geom)), rtol=1e-5)
+    # Wanda alone: no patches are built, the norms and the point count are the same
+    acc = ConvAccumulator(rows, geom, compute_sensitivity=False)
+    acc.update(x)
+    acc.update(x[:1])
+    only = acc.result()
+    assert only.sensitivity is None
+    both = np.concatenate([x, x[:1]])
+    close(only.input_sqnorm, naive_conv_sqnorm(rows, both, **conv_args(geom)), rtol=1e-5)
+    assert only.points == res.points // shape[0] * both.shape[0]
+    assert only.patches_per_sample == res.patches_per_sample
+    with pytest.raises(ValueError, match="channels"):
+        acc.update(x[:, :1])
 
 
 def test_conv_per_sample_split_with_mean():
