@@ -630,11 +630,10 @@ def test_max_times_pointwise_path_gives_the_same_bits(monkeypatch):
     r = rng.random((2, 40, 300)).astype(np.float32)
     a = rng.random((2, 40, 256)).astype(np.float32)
     direct = (r[:, :, :, None] * a[:, :, None, :]).max(axis=1)
-    results = []
-    for threshold in (1, 1 << 40):  # pointwise, chunked
+    # pointwise in one block, pointwise in row blocks of 7 rows (300 = 42 x 7 + 6), chunked
+    for threshold, block in ((1, 1 << 40), (1, 7 * 256), (1 << 40, 1 << 40)):
         monkeypatch.setattr(sensitivity, "_POINTWISE_ELEMENTS", threshold)
+        monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", block)
         out = np.zeros((2, 300, 256), dtype=np.float32)
         sensitivity.max_times(r, a, out)
-        results.append(out)
-    np.testing.assert_array_equal(results[0], direct)
-    np.testing.assert_array_equal(results[1], direct)
+        np.testing.assert_array_equal(out, direct)

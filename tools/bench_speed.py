@@ -1,12 +1,13 @@
 """Speed and memory benchmark: the whole prune against one plain ONNX Runtime pass.
 
     python tools/bench_speed.py [--models resnet50,minilm,lenet300,cnn,tokens] [--samples 128]
-                                [--methods sipp-det,sipp-hybrid,magnitude,wanda] [--refit obs,none]
+                                [--methods sipp-det,sipp-det:mean,sipp-hybrid,magnitude,wanda]
+                                [--refit obs,none]
 
 For each model, in one run on the same machine and provider:
 - T_fwd: plain ONNX Runtime inference (default graph optimizations) over the calibration set,
   with the same batch size as the prune;
-- T_prune: the whole prune of each method (the report's total: load to save, without the
+- T_prune: the whole prune of each method (`METHOD[:REDUCTION]`; the report's total: load to save, without the
   interpreter's start-up), run as a child `sipp-onnx prune` process, with its split by stage
   from the report (load, capture, sensitivity, selection, refit, save), and the ratio
   T_prune / T_fwd; the child's wall time (start-up and imports included) is shown too;
@@ -15,7 +16,7 @@ For each model, in one run on the same machine and provider:
 
 The ResNet-50-shaped CNN is built in code (224x224, bottlenecks [3, 4, 6, 3], batch norm folded
 into conv biases, random He-initialised weights: its layers matter here, not its accuracy).
-Results are printed as Markdown; --write-docs puts them into docs/benchmarks.md.
+Results are printed as a Markdown table (docs/benchmarks.md quotes them).
 """
 
 from __future__ import annotations
@@ -145,9 +146,12 @@ def forward_seconds(model: Path, calib: Path, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def prune_child(model: Path, calib: Path, method: str, refit: str, out: Path, batch: int) -> dict:
-    """`sipp-onnx prune` in a child process: its report and its peak RSS (MB)."""
+def prune_child(model: Path, calib: Path, spec: str, refit: str, out: Path, batch: int) -> dict:
+    """`sipp-onnx prune` in a child process: its report and its peak RSS (MB).
+
+    `spec` is a method, optionally with the SiPP reduction: `sipp-det:mean`."""
     report = out.with_suffix(".json")
+    method, _, reduction = spec.partition(":")
     cmd = [
         sys.executable,
         "-c",
@@ -173,7 +177,7 @@ def prune_child(model: Path, calib: Path, method: str, refit: str, out: Path, ba
         "-q",
         "--report",
         str(report),
-    ]
+    ] + (["--reduction", reduction] if reduction else [])
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
@@ -189,7 +193,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--models", default="resnet50,minilm,lenet300,cnn,tokens")
-    parser.add_argument("--methods", default="sipp-det,sipp-hybrid,magnitude,wanda")
+    parser.add_argument("--methods", default="sipp-det,sipp-det:mean,sipp-hybrid,magnitude,wanda")
     parser.add_argument("--refit", default="obs,none")
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--mem-samples", default="64,256")
