@@ -630,10 +630,13 @@ def test_max_times_pointwise_path_gives_the_same_bits(monkeypatch):
     r = rng.random((2, 40, 300)).astype(np.float32)
     a = rng.random((2, 40, 256)).astype(np.float32)
     direct = (r[:, :, :, None] * a[:, :, None, :]).max(axis=1)
-    # pointwise in one block, pointwise in row blocks of 7 rows (300 = 42 x 7 + 6), chunked
+    # pointwise in one block, pointwise in row blocks of 7 rows (300 = 42 x 7 + 6), chunked;
+    # each on one thread and on three (row blocks or point chunks shared out)
     for threshold, block in ((1, 1 << 40), (1, 7 * 256), (1 << 40, 1 << 40)):
-        monkeypatch.setattr(sensitivity, "_POINTWISE_ELEMENTS", threshold)
-        monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", block)
-        out = np.zeros((2, 300, 256), dtype=np.float32)
-        sensitivity.max_times(r, a, out)
-        np.testing.assert_array_equal(out, direct)
+        for workers in (1, 3):
+            monkeypatch.setattr(sensitivity, "_POINTWISE_ELEMENTS", threshold)
+            monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", block)
+            monkeypatch.setattr(sensitivity, "_WORKERS", workers)
+            out = np.zeros((2, 300, 256), dtype=np.float32)
+            sensitivity.max_times(r, a, out)
+            np.testing.assert_array_equal(out, direct)
