@@ -217,10 +217,13 @@ class _Accumulator:
         self.max_points_per_sample = max_points_per_sample
         self._rng = np.random.default_rng(seed)
 
-    def _accumulate(self, patches: np.ndarray, valid: int | None = None, sqnorm: bool = True) -> None:
+    def _accumulate(
+        self, patches: np.ndarray, valid: int | None = None, sqnorm: bool = True, nonnegative: bool = False
+    ) -> None:
         """`valid`: how many of the points are real (masked-out points are all zero and add
         nothing to any statistic; they only must not be counted). `sqnorm=False`: the caller
-        has added the batch's squared norms already."""
+        has added the batch's squared norms already. `nonnegative`: the caller knows that no
+        entry is negative (checked on the conv input, a ninth of a 3x3 conv's patches)."""
         batch, groups, d, n_points = patches.shape
         if d != self.rows.shape[1]:
             raise ValueError(f"layer input points have {d} entries, the weight rows {self.rows.shape[1]}")
@@ -242,7 +245,10 @@ class _Accumulator:
             return
         if self.reduction == "max":
             patches, n_points = sub, sub.shape[3]
-        inputs = _absolute_samples(patches) if self.terms == "absolute" else _sample_parts(patches)
+        if self.terms == "absolute":
+            inputs = [patches] if nonnegative else _absolute_samples(patches)
+        else:
+            inputs = _sample_parts(patches)
         for part in inputs:
             for w_part, best in self._parts:
                 recip = reciprocal(np.matmul(w_part[None], part))  # [B', G, Ng, L]
@@ -325,8 +331,9 @@ def _max_of_sample_means(recip: np.ndarray, part: np.ndarray, out: np.ndarray) -
     chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
-        mean = np.matmul(recip[start:stop], part[start:stop].transpose(0, 1, 3, 2)) / n_points
-        np.maximum(out, mean.max(axis=0), out=out)
+        sums = np.matmul(recip[start:stop], part[start:stop].transpose(0, 1, 3, 2))
+        # max over samples before the division by L: one pass less over the [B, N, K] products
+        np.maximum(out, sums.max(axis=0) / np.float32(n_points), out=out)
 
 
 class DenseAccumulator(_Accumulator):
@@ -404,7 +411,10 @@ class ConvAccumulator(_Accumulator):
             raise ValueError(f"conv input of shape {x.shape}, the weight expects {channels} channels")
         self._sqnorm += patch_sqnorm(x, self.geom)
         if self.compute_sensitivity or self._gram is not None:
-            self._accumulate(conv_patches(x, self.geom), sqnorm=False)
+            # An all-zero sample adds 0 to every absolute-terms statistic, so with no negative
+            # input the patches go in as they are: no content or sign scan over the patches.
+            nonnegative = self.terms == "absolute" and x.size > 0 and float(x.min()) >= 0
+            self._accumulate(conv_patches(x, self.geom), sqnorm=False, nonnegative=nonnegative)
             return
         positions = prod(output_spatial(self.geom, tuple(x.shape[2:])))
         self.points += x.shape[0] * positions

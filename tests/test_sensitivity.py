@@ -586,11 +586,17 @@ def test_dense_absolute_terms_match_naive(reduction):
 
 
 @pytest.mark.parametrize("reduction", ["max", "mean", "expected"])
-def test_conv_absolute_terms_match_naive(reduction):
+@pytest.mark.parametrize("inputs", ["signed", "relu_with_an_empty_sample"])
+def test_conv_absolute_terms_match_naive(reduction, inputs):
+    """Signed inputs go through the content and sign scans; non-negative ones skip them (an
+    all-zero sample must still count as points and add nothing)."""
     rng = np.random.default_rng(22)
     geom = ConvGeometry((3,), (2,), (1,), (1, 1), "NOTSET", 2)
     w = rng.normal(size=(4, 3, 3)).astype(np.float32)
     x = rng.normal(size=(3, 6, 7)).astype(np.float32)
+    if inputs != "signed":
+        x = np.maximum(x, 0)
+        x[1] = 0
     rows = w.reshape(4, -1)
     acc = ConvAccumulator(rows, geom, reduction=reduction, terms="absolute")
     acc.update(x)
