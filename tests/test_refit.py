@@ -75,7 +75,9 @@ def test_sweep_is_exact_when_pruned_weights_come_first():
     keep = np.zeros((4, 8), dtype=bool)
     keep[:, 3:] = True
     h = x.T @ x
-    np.testing.assert_allclose(solve_sweep(w0, keep, h, block=3, dtype=np.float64), lstsq_rows(x, w0, keep), atol=1e-8)
+    np.testing.assert_allclose(
+        solve_sweep(w0, keep, h, block=3, dtype=np.float64), lstsq_rows(x, w0, keep), atol=1e-8
+    )
 
 
 def test_sweep_blocks_do_not_change_the_result():

@@ -1,6 +1,6 @@
 """Speed and memory benchmark: the whole prune against one plain ONNX Runtime pass.
 
-    python tools/bench_speed.py [--models resnet50,minilm,lenet300,cnn,tokens] [--samples 128]
+    python tools/bench_speed.py [--models resnet50,minilm,magika,lenet300,cnn,tokens] [--samples 128]
                                 [--methods sipp-det,sipp-det:mean,sipp-hybrid,magnitude,wanda]
                                 [--refit obs,none]
 
@@ -12,7 +12,10 @@ For each model, in one run on the same machine and provider:
   from the report (load, capture, sensitivity, selection, refit, save), and the ratio
   T_prune / T_fwd; the child's wall time (start-up and imports included) is shown too;
 - the peak resident memory of the child with `--mem-samples` (default 64 and 256) calibration
-  samples, to show whether memory grows with the calibration set.
+  samples, to show whether memory grows with the calibration set;
+- with `--peer` (needs the `[bench]` extra), the onnxsim peer's Wanda and SparseGPT at 50 % on
+  the same calibration batches, timed in-process from the loaded model to the pruned proto (no
+  load or save, which our T_prune includes), on every model but the ResNet-50-shaped one.
 
 The ResNet-50-shaped CNN is built in code (224x224, bottlenecks [3, 4, 6, 3], batch norm folded
 into conv biases, random He-initialised weights: its layers matter here, not its accuracy).
@@ -119,8 +122,8 @@ def model_files(name: str, work: Path, samples: int) -> tuple[Path, Path]:
             x = np.random.default_rng(1).normal(size=(samples, 3, 224, 224)).astype(np.float32)
             np.savez(calib, input=x)
         return path, calib
-    if name == "minilm":
-        path, source = ROOT / "bench_models" / "minilm.onnx", ROOT / "bench_models" / "minilm_calib.npz"
+    if (ROOT / "bench_models" / f"{name}.onnx").exists():
+        path, source = ROOT / "bench_models" / f"{name}.onnx", ROOT / "bench_models" / f"{name}_calib.npz"
     else:
         path, source = ROOT / "models" / f"{name}.onnx", ROOT / "models" / f"{name}_calib.npz"
     with np.load(source) as npz:
@@ -188,11 +191,27 @@ def prune_child(model: Path, calib: Path, spec: str, refit: str, out: Path, batc
     return {"wall": wall, "peak_mb": peak, "timings": data["timings"]}
 
 
+def peer_seconds(model: Path, calib: Path, method: str, batch: int) -> float:
+    """The onnxsim peer's `method` at 50 %, timed from the loaded model to its pruned proto."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_quality import run_peer  # noqa: PLC0415 - benchmark-only dependency
+
+    from sipp_onnx.calibration import open_calibration  # noqa: PLC0415
+    from sipp_onnx.modelio import model_inputs  # noqa: PLC0415
+
+    proto = onnx.load(str(model))
+    batches = list(open_calibration(calib, model_inputs(proto)).batches(batch))
+    t0 = time.perf_counter()
+    run_peer(proto, method, 0.5, batches)
+    return time.perf_counter() - t0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="resnet50,minilm,lenet300,cnn,tokens")
+    parser.add_argument("--models", default="resnet50,minilm,magika,lenet300,cnn,tokens")
+    parser.add_argument("--peer", action="store_true", help="time the onnxsim peer's Wanda and SparseGPT")
     parser.add_argument("--methods", default="sipp-det,sipp-det:mean,sipp-hybrid,magnitude,wanda")
     parser.add_argument("--refit", default="obs,none")
     parser.add_argument("--samples", type=int, default=128)
@@ -242,6 +261,14 @@ def main() -> int:
                         + " |"
                     )
                     print(line, flush=True)
+            if args.peer and name != "resnet50":
+                for method in ("wanda", "sparsegpt"):
+                    seconds = peer_seconds(model, calib, method, args.batch_size)
+                    print(
+                        f"| {name} | onnxsim-{method} (peer, 50 %) | - | {t_fwd:.3f} | {seconds:.2f} | "
+                        f"{seconds / t_fwd:.1f} |" + " - |" * (7 + len(mem_samples)),
+                        flush=True,
+                    )
     return 0
 
 
