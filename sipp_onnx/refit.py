@@ -152,7 +152,7 @@ def _sweep(w0: np.ndarray, keep: np.ndarray, h: np.ndarray, block: int, dtype: t
     hinv = inverse_cholesky_upper(h.astype(dtype))
     if not np.isfinite(hinv).all():
         raise np.linalg.LinAlgError("the inverse's Cholesky factor is not finite")
-    w = w0.astype(dtype, copy=True)
+    w: np.ndarray = w0.astype(dtype, copy=True)
     zero = dtype(0)
     for i1 in range(0, k, block):
         i2 = min(k, i1 + block)
