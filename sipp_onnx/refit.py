@@ -127,8 +127,34 @@ def inverse_cholesky_upper(h: np.ndarray) -> np.ndarray:
     one triangular inverse (by blocks, in matrix products) cost about a third of `inv(H)` followed
     by `cholesky(H^-1)`, the textbook route.
     """
-    flipped = np.linalg.cholesky(h[::-1, ::-1])
+    flipped = cholesky_lower(np.ascontiguousarray(h[::-1, ::-1]))
     return upper_inverse(np.ascontiguousarray(flipped[::-1, ::-1]))
+
+
+def cholesky_lower(h: np.ndarray, block: int = 256) -> np.ndarray:
+    """Lower Cholesky factor of the SPD `h`, by column blocks of `block`.
+
+    Each step factors one diagonal block with LAPACK and moves the rest of the work into two
+    matrix products (the panel against the block's inverse, and the trailing update); NumPy's
+    LAPACK `potrf` runs at about a quarter of its matrix-product speed on these sizes, so this
+    is about 3x faster for the 2304- and 4608-wide Gram matrices of ResNet-50. Raises
+    `np.linalg.LinAlgError` like `np.linalg.cholesky` when a block is not positive definite.
+    """
+    n = h.shape[0]
+    if n <= block:
+        return np.linalg.cholesky(h)
+    work = np.array(h, copy=True)
+    out = np.zeros_like(work)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        diag = np.linalg.cholesky(work[start:stop, start:stop])
+        out[start:stop, start:stop] = diag
+        if stop == n:
+            break
+        panel = work[stop:, start:stop] @ np.linalg.inv(diag).T  # A21 L11^-T
+        out[stop:, start:stop] = panel
+        work[stop:, stop:] -= panel @ panel.T
+    return out
 
 
 def upper_inverse(m: np.ndarray, leaf: int = 128) -> np.ndarray:

@@ -10,6 +10,7 @@ from naive import naive_patches
 from sipp_onnx.layers import ConvGeometry
 from sipp_onnx.refit import (
     damped,
+    cholesky_lower,
     inverse_cholesky_upper,
     refit_layer,
     solve_exact,
@@ -224,3 +225,15 @@ def test_inverse_cholesky_factor_equals_the_textbook_route(k):
     assert np.all(np.tril(u, -1) == 0)
     m = np.triu(rng.normal(size=(k, k))) + 3 * k * np.eye(k)
     np.testing.assert_allclose(upper_inverse(m, leaf=2) @ m, np.eye(k), atol=1e-12)
+
+
+@pytest.mark.parametrize("n,block", [(1, 4), (4, 4), (5, 4), (13, 4), (40, 7), (300, 256)])
+def test_blocked_cholesky_equals_lapack(n, block):
+    rng = np.random.default_rng(n)
+    x = rng.normal(size=(n + 5, n))
+    h = damped(x.T @ x)
+    got = cholesky_lower(h, block=block)
+    np.testing.assert_allclose(got, np.linalg.cholesky(h), rtol=1e-9, atol=1e-11)
+    assert np.all(np.triu(got, 1) == 0)
+    with pytest.raises(np.linalg.LinAlgError):
+        cholesky_lower(-h, block=block)
