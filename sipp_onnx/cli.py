@@ -116,8 +116,8 @@ _MEASURE_OPTIONS = (
         type=click.IntRange(min=1),
         default=PruneConfig.max_points,
         show_default=True,
-        help="Calibration points per layer for the max reduction and the refit's Gram matrices (conv "
-        "positions/tokens beyond it are sampled per batch).",
+        help="Calibration points per layer for the max reduction (conv positions/tokens beyond it are "
+        "sampled per batch).",
     ),
     click.option(
         "--mask-input",

@@ -478,7 +478,7 @@ def _refit(
         sel.rows,
         st.gram,
         st.input_sum,
-        st.gram_points,
+        st.points,
         weights=mode is Refit.OBS,
         bias=layer.bias is not None,
     )

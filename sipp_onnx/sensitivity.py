@@ -53,9 +53,6 @@ class LayerStatistics:
     """`[G, K, K]` float64 sum over points of `x x^T` per group (only when asked: the refit)."""
     input_sum: np.ndarray | None = None
     """`[G, K]` float64 sum over points of `x` per group (with `gram`)."""
-    gram_points: int = 0
-    """Points in `gram` and `input_sum`: a random subset of the positions when a sample has more
-    than the per-sample cap, else `points`."""
 
 
 def reciprocal(z: np.ndarray) -> np.ndarray:
@@ -212,7 +209,6 @@ class _Accumulator:
         self._gram = np.zeros((groups, k, k), dtype=np.float64) if gram else None
         self._sum = np.zeros((groups, k), dtype=np.float64) if gram else None
         self.points = 0
-        self.gram_points = 0
         self.patches_per_sample = 1
         self.max_points_per_sample = max_points_per_sample
         self._rng = np.random.default_rng(seed)
@@ -231,20 +227,17 @@ class _Accumulator:
         self.patches_per_sample = n_points
         if sqnorm:
             self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
-        cap = self.max_points_per_sample
-        sub = patches
-        if cap is not None and n_points > cap and valid is None:
-            # The max-times product (points x N x K, no BLAS form) and the refit's Gram matrix
-            # (points x K^2 per group) run over a random subset of each batch's positions.
-            chosen = np.sort(self._rng.choice(n_points, size=cap, replace=False))
-            sub = patches[..., chosen]
         if self._gram is not None and self._sum is not None:
-            self._add_gram(sub)
-            self.gram_points += batch * sub.shape[3] if sub is not patches or valid is None else valid
+            self._add_gram(patches)
         if not self.compute_sensitivity:
             return
-        if self.reduction == "max":
-            patches, n_points = sub, sub.shape[3]
+        cap = self.max_points_per_sample
+        if self.reduction == "max" and cap is not None and n_points > cap:
+            # The max-times product costs points x N x K with no BLAS form; beyond `cap` points
+            # per sample the max runs over a random subset of each batch's positions.
+            chosen = np.sort(self._rng.choice(n_points, size=cap, replace=False))
+            patches = patches[..., chosen]
+            n_points = cap
         if self.terms == "absolute":
             inputs = [patches] if nonnegative else _absolute_samples(patches)
         else:
@@ -292,7 +285,7 @@ class _Accumulator:
         else:
             sqnorm = np.repeat(self._sqnorm, n_out // self.groups, axis=0)
         return LayerStatistics(
-            sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum, self.gram_points
+            sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum
         )
 
 

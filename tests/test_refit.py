@@ -185,28 +185,21 @@ def test_conv_accumulator_gram_matches_naive_patches():
         np.testing.assert_allclose(stats.input_sum[g], pts.sum(0), rtol=1e-4, atol=1e-4)
 
 
-def test_capped_gram_is_the_exact_gram_of_a_subset_of_positions():
-    """Beyond the per-sample cap the Gram runs over cap positions per sample; whichever were
-    drawn, it is exactly their Gram, the same positions in every sample of the batch, and the
-    count the bias refit divides by is theirs."""
-    from itertools import combinations
-
+def test_gram_uses_every_position_when_the_max_reduction_is_capped():
+    """`max_points` bounds the max-times work only: the Gram matrix, its sum and its point count
+    still cover every position (a subset cost magika 2.6 points at 90 %)."""
     rng = np.random.default_rng(4)
     geom = ConvGeometry((3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 1)
     rows = rng.normal(size=(3, 4 * 9)).astype(np.float32)
     x = rng.normal(size=(2, 4, 6, 5)).astype(np.float32)
-    acc = ConvAccumulator(rows, geom, reduction="mean", gram=True, max_points_per_sample=3)
+    acc = ConvAccumulator(rows, geom, reduction="max", gram=True, max_points_per_sample=3)
     acc.update(x)
     stats = acc.result()
     patches = naive_patches(x, (3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 1)  # L = 12
-    assert stats.points == 24 and stats.gram_points == 6
-    matches = []
-    for chosen in combinations(range(12), 3):
-        pts = np.concatenate([patches[b, 0][:, list(chosen)].T for b in range(2)])
-        if np.allclose(stats.gram[0], pts.T @ pts, rtol=1e-4, atol=1e-4):
-            matches.append(chosen)
-            np.testing.assert_allclose(stats.input_sum[0], pts.sum(0), rtol=1e-4, atol=1e-4)
-    assert len(matches) == 1
+    pts = np.concatenate([patches[b, 0].T for b in range(2)])
+    assert stats.points == 24
+    np.testing.assert_allclose(stats.gram[0], pts.T @ pts, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(stats.input_sum[0], pts.sum(0), rtol=1e-4, atol=1e-4)
 
 
 def test_gram_is_not_kept_unless_asked():
