@@ -9,8 +9,8 @@ from naive import naive_patches
 
 from sipp_onnx.layers import ConvGeometry
 from sipp_onnx.refit import (
-    damped,
     cholesky_lower,
+    damped,
     inverse_cholesky_upper,
     refit_layer,
     solve_exact,

@@ -7,10 +7,11 @@
 For each model, in one run on the same machine and provider:
 - T_fwd: plain ONNX Runtime inference (default graph optimizations) over the calibration set,
   with the same batch size as the prune;
-- T_prune: the whole prune of each method (`METHOD[:REDUCTION]`; the report's total: load to save, without the
-  interpreter's start-up), run as a child `sipp-onnx prune` process, with its split by stage
-  from the report (load, capture, sensitivity, selection, refit, save), and the ratio
-  T_prune / T_fwd; the child's wall time (start-up and imports included) is shown too;
+- T_prune: the whole prune of each method (`METHOD[:REDUCTION[:MAX_POINTS]]`; the report's
+  total: load to save, without the interpreter's start-up), run as a child `sipp-onnx prune`
+  process, with its split by stage from the report (load, capture, sensitivity, selection,
+  refit, save), and the ratio T_prune / T_fwd; the child's wall time (start-up and imports
+  included) is shown too;
 - the peak resident memory of the child with `--mem-samples` (default 64 and 256) calibration
   samples, to show whether memory grows with the calibration set;
 - with `--peer` (needs the `[bench]` extra), the onnxsim peer's Wanda and SparseGPT at 50 % on
@@ -152,35 +153,41 @@ def forward_seconds(model: Path, calib: Path, batch: int) -> float:
 def prune_child(model: Path, calib: Path, spec: str, refit: str, out: Path, batch: int) -> dict:
     """`sipp-onnx prune` in a child process: its report and its peak RSS (MB).
 
-    `spec` is a method, optionally with the SiPP reduction: `sipp-det:mean`."""
+    `spec` is a method, optionally with the SiPP reduction and a `--max-points`:
+    `sipp-det:mean`, `sipp-det:max:4096`."""
     report = out.with_suffix(".json")
-    method, _, reduction = spec.partition(":")
-    cmd = [
-        sys.executable,
-        "-c",
-        "import resource, sys; from sipp_onnx.cli import main; "
-        "sys.argv = ['sipp-onnx'] + sys.argv[1:]\n"
-        "try:\n    main()\nfinally:\n"
-        "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
-        "prune",
-        str(model),
-        str(calib),
-        "-o",
-        str(out),
-        "--overwrite",
-        "--method",
-        method,
-        "--refit",
-        refit,
-        "--provider",
-        "cpu",
-        "--batch-size",
-        str(batch),
-        "--no-verify",
-        "-q",
-        "--report",
-        str(report),
-    ] + (["--reduction", reduction] if reduction else [])
+    method, _, rest = spec.partition(":")
+    reduction, _, max_points = rest.partition(":")
+    cmd = (
+        [
+            sys.executable,
+            "-c",
+            "import resource, sys; from sipp_onnx.cli import main; "
+            "sys.argv = ['sipp-onnx'] + sys.argv[1:]\n"
+            "try:\n    main()\nfinally:\n"
+            "    print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)",
+            "prune",
+            str(model),
+            str(calib),
+            "-o",
+            str(out),
+            "--overwrite",
+            "--method",
+            method,
+            "--refit",
+            refit,
+            "--provider",
+            "cpu",
+            "--batch-size",
+            str(batch),
+            "--no-verify",
+            "-q",
+            "--report",
+            str(report),
+        ]
+        + (["--reduction", reduction] if reduction else [])
+        + (["--max-points", max_points] if max_points else [])
+    )
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
