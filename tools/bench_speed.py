@@ -227,7 +227,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "bench_results" / "speed")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    mem_samples = [int(s) for s in args.mem_samples.split(",")]
+    mem_samples = [int(s) for s in args.mem_samples.split(",") if s]  # "": no memory runs
     lines = [
         f"Produced by `python tools/bench_speed.py --models {args.models} --samples {args.samples}` "
         f"(sipp-onnx, onnxruntime {ort.__version__}, CPU provider, Python {platform.python_version()}, "
