@@ -136,10 +136,17 @@ def model_files(name: str, work: Path, samples: int) -> tuple[Path, Path]:
     return path, calib
 
 
-def forward_seconds(model: Path, calib: Path, batch: int) -> float:
+PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+def forward_seconds(model: Path, calib: Path, batch: int, provider: str = "cpu") -> float:
     """Plain inference over the calibration set: default optimizations, same batches."""
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()  # CUDA/cuDNN from pip packages, as sipp_onnx.runtime does
     options = ort.SessionOptions()
-    session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model), options, providers=PROVIDERS[provider])
+    if session.get_providers()[0] != PROVIDERS[provider][0]:
+        raise RuntimeError(f"ONNX Runtime did not start the {provider} provider")
     with np.load(calib) as npz:
         arrays = {k: npz[k] for k in npz.files}
     n = next(iter(arrays.values())).shape[0]
@@ -150,7 +157,9 @@ def forward_seconds(model: Path, calib: Path, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def prune_child(model: Path, calib: Path, spec: str, refit: str, out: Path, batch: int) -> dict:
+def prune_child(
+    model: Path, calib: Path, spec: str, refit: str, out: Path, batch: int, provider: str = "cpu"
+) -> dict:
     """`sipp-onnx prune` in a child process: its report and its peak RSS (MB).
 
     `spec` is a method, optionally with the SiPP reduction and a `--max-points`:
@@ -224,14 +233,16 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--mem-samples", default="64,256")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cpu")
     parser.add_argument("--work", type=Path, default=ROOT / "bench_results" / "speed")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     mem_samples = [int(s) for s in args.mem_samples.split(",") if s]  # "": no memory runs
     lines = [
         f"Produced by `python tools/bench_speed.py --models {args.models} --samples {args.samples}` "
-        f"(sipp-onnx, onnxruntime {ort.__version__}, CPU provider, Python {platform.python_version()}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, batch {args.batch_size}).",
+        f"(sipp-onnx, onnxruntime {ort.__version__}, {args.provider} provider, "
+        f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"batch {args.batch_size}).",
         "",
         "| model | method | refit | T_fwd (s) | T_prune (s) | ratio | wall (s) | load | capture "
         "| sensitivity | selection | refit | save | peak MB "
@@ -244,16 +255,26 @@ def main() -> int:
         tmpdir = Path(tmp)
         for name in args.models.split(","):
             model, calib = model_files(name, args.work, args.samples)
-            t_fwd = forward_seconds(model, calib, args.batch_size)
+            t_fwd = forward_seconds(model, calib, args.batch_size, args.provider)
             for method in args.methods.split(","):
                 for refit in args.refit.split(","):
-                    run = prune_child(model, calib, method, refit, tmpdir / "out.onnx", args.batch_size)
+                    run = prune_child(
+                        model, calib, method, refit, tmpdir / "out.onnx", args.batch_size, args.provider
+                    )
                     t = run["timings"]
                     peaks = []
                     for n in mem_samples:
                         _, mem_calib = model_files(name, args.work, n)
                         peaks.append(
-                            prune_child(model, mem_calib, method, refit, tmpdir / "m.onnx", args.batch_size)
+                            prune_child(
+                                model,
+                                mem_calib,
+                                method,
+                                refit,
+                                tmpdir / "m.onnx",
+                                args.batch_size,
+                                args.provider,
+                            )
                         )
                     cells = [
                         f"{t.get(k, 0.0):.2f}"
