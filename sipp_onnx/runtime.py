@@ -73,13 +73,17 @@ def make_session(
     """A session for `model` and the provider it really runs on ('cuda' or 'cpu').
 
     With `optimize=False` every graph optimization is off, so captured intermediate tensors
-    are exactly the node inputs of the original graph (fusions would hide them).
+    are exactly the node inputs of the original graph (fusions would hide them), and the CPU
+    memory arena is off: the arena kept the captured activations' blocks and grew with the
+    number of batches (ResNet-50: 2.6 GB peak with 64 samples, 3.2 GB with 256; without it
+    2.1 and 2.2 GB, at the same capture speed within 2 %).
     """
     _quiet()
     options = ort.SessionOptions()
     options.log_severity_level = 4
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_cpu_mem_arena = False
     providers = _providers_for(provider)
     with tempfile.TemporaryDirectory(prefix="sipp-onnx-") as tmp:
         if isinstance(model, onnx.ModelProto):

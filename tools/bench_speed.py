@@ -6,7 +6,7 @@
 
 For each model, in one run on the same machine and provider:
 - T_fwd: plain ONNX Runtime inference (default graph optimizations) over the calibration set,
-  with the same batch size as the prune;
+  with the same batch size as the prune (the median of three passes);
 - T_prune: the whole prune of each method (`METHOD[:REDUCTION[:MAX_POINTS]]`; the report's
   total: load to save, without the interpreter's start-up), run as a child `sipp-onnx prune`
   process, with its split by stage from the report (load, capture, sensitivity, selection,
@@ -151,10 +151,13 @@ def forward_seconds(model: Path, calib: Path, batch: int, provider: str = "cpu")
         arrays = {k: npz[k] for k in npz.files}
     n = next(iter(arrays.values())).shape[0]
     session.run(None, {k: v[:1] for k, v in arrays.items()})  # warm-up, not timed
-    t0 = time.perf_counter()
-    for start in range(0, n, batch):
-        session.run(None, {k: v[start : start + batch] for k, v in arrays.items()})
-    return time.perf_counter() - t0
+    times = []
+    for _ in range(3):  # the median of three passes: single passes varied by 25 % here
+        t0 = time.perf_counter()
+        for start in range(0, n, batch):
+            session.run(None, {k: v[start : start + batch] for k, v in arrays.items()})
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[1]
 
 
 def prune_child(
