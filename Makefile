@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-quality clean
+.PHONY: demo test lint bench-quality bench-speed clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ $(BIN)/.bench: $(BIN)/.installed
 bench-quality: $(BIN)/.bench
 	$(BIN)/python tools/fetch_benchmark_models.py
 	$(BIN)/python tools/bench_quality.py --write-docs
+
+# The speed and memory benchmark (CPU, about 75 min on 2 cores; docs/benchmarks.md quotes it):
+# prune time by stage against plain inference, peak memory with 64 and 256 samples, and the
+# onnxsim peer's Wanda and SparseGPT timed on the same calibration data.
+bench-speed: $(BIN)/.bench
+	$(BIN)/python tools/fetch_benchmark_models.py
+	$(BIN)/python tools/bench_speed.py --peer
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check sipp_onnx tests tools
