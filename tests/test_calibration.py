@@ -369,3 +369,78 @@ def test_pipeline_uses_calibration_consistently(tmp_path: Path) -> None:
     result = prune_model(builders.mlp(), {"x": x.astype(np.float64)}, PruneConfig(batch_size=5))
     assert result.report.samples == 12
     assert any("float64" in w for w in result.report.warnings)
+
+
+# ------------------------------------------------------------------ streamed files
+
+
+def _two_input_specs():
+    return model_inputs(two_input_model())
+
+
+@pytest.mark.parametrize("form", ["npz", "npz_compressed", "npy"])
+def test_files_are_streamed_and_batch_like_arrays_in_memory(tmp_path: Path, form: str) -> None:
+    """A file's arrays are not held: batches are read from it block by block, with the same
+    values (and the same float64 -> float32 cast) as the arrays given directly."""
+    x = data(n=23).astype(np.float64)
+    if form == "npy":
+        np.save(tmp_path / "c.npy", x)
+        path = tmp_path / "c.npy"
+    else:
+        save = np.savez_compressed if form == "npz_compressed" else np.savez
+        save(tmp_path / "c.npz", x=x, labels=np.arange(5))  # an unused array of another length
+        path = tmp_path / "c.npz"
+    streamed = open_calibration(path, mlp_specs())
+    direct = open_calibration({"x": x}, mlp_specs())
+    assert all(chunk.cached is None and chunk.stream is not None for chunk in streamed.chunks)
+    assert streamed.samples == 23
+    for batch in (1, 4, 7, 23, 50):
+        got, want = list(streamed.batches(batch)), list(direct.batches(batch))
+        assert [b["x"].shape for b in got] == [b["x"].shape for b in want]
+        for a, b in zip(got, want, strict=True):
+            assert a["x"].dtype == np.float32
+            np.testing.assert_array_equal(a["x"], b["x"])
+
+
+def test_streamed_two_inputs_and_max_samples(tmp_path: Path) -> None:
+    x, z = data(n=9, width=4, seed=1), data(n=9, width=4, seed=2)
+    np.savez(tmp_path / "c.npz", x=x, z=z)
+    calib = open_calibration(tmp_path / "c.npz", _two_input_specs(), max_samples=7)
+    assert sizes(calib, 3) == [3, 3, 1]
+    np.testing.assert_array_equal(fed(calib, "z", 3), z[:7])
+    np.testing.assert_array_equal(fed(calib, "x", 3), x[:7])
+
+
+def test_streamed_fixed_batch_joins_files(tmp_path: Path) -> None:
+    """A model with batch 4 fed from a directory of 3 + 6 samples: 8 used, in order."""
+    x = data(n=9, width=16)
+    np.savez(tmp_path / "a.npz", x=x[:3])
+    np.savez(tmp_path / "b.npz", x=x[3:])
+    calib = open_calibration(tmp_path, fixed_batch_specs(4))
+    assert sizes(calib, 10) == [4, 4]
+    np.testing.assert_array_equal(fed(calib, batch_size=10), x[:8])
+
+
+def test_streamed_nan_far_into_the_file_is_placed_in_the_file(tmp_path: Path) -> None:
+    """The validation pass reads blocks of 256; the message still counts and places the bad
+    values in the whole file."""
+    x = data(n=600)
+    x[300, 1] = np.nan
+    x[590, 2] = np.inf
+    np.savez(tmp_path / "c.npz", x=x)
+    with pytest.raises(CalibrationError, match=r"2 NaN/inf.*sample 300"):
+        open_calibration(tmp_path / "c.npz", mlp_specs())
+
+
+def test_arrays_that_cannot_stream_are_loaded_whole(tmp_path: Path) -> None:
+    x = np.asfortranarray(data(n=6))
+    np.savez(tmp_path / "c.npz", x=x)
+    calib = open_calibration(tmp_path / "c.npz", mlp_specs())
+    assert calib.chunks[0].stream is None and calib.chunks[0].cached is not None
+    np.testing.assert_array_equal(fed(calib), x)
+
+
+def test_streamed_inputs_with_different_counts_refused(tmp_path: Path) -> None:
+    np.savez(tmp_path / "c.npz", x=data(n=5, width=4), z=data(n=6, width=4))
+    with pytest.raises(CalibrationError, match="different sample counts"):
+        open_calibration(tmp_path / "c.npz", _two_input_specs())
