@@ -290,11 +290,9 @@ def _det_topm(rp: _RowParts, m_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     for sign in (0, 1):
         member = rp.part_of[sign]
         score = np.where(member, rp.sens, -np.inf)
-        ranks = _row_ranks(score, absw)
-        keep |= member & (ranks < m_int[sign][:, None])
-        tails[sign] = rp.sums[sign] - np.where(member & (ranks < m_int[sign][:, None]), rp.sens, 0).sum(
-            axis=1
-        )
+        top = member & row_top(score, absw, m_int[sign])
+        keep |= top
+        tails[sign] = rp.sums[sign] - np.where(top, rp.sens, 0).sum(axis=1)
     return keep, tails
 
 
