@@ -289,9 +289,7 @@ class _Accumulator:
             sqnorm = np.broadcast_to(self._sqnorm[0], (n_out, k))
         else:
             sqnorm = np.repeat(self._sqnorm, n_out // self.groups, axis=0)
-        return LayerStatistics(
-            sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum
-        )
+        return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum)
 
 
 def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
