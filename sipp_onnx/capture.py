@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -56,18 +57,20 @@ def capture(
     provider: Provider,
     progress: Progress | None = None,
     mask_input: str | None = None,
+    base_dir: Path | None = None,
 ) -> CaptureResult:
     """Run `model` over `data`, feeding input tensor `name` of every batch to `accumulators[name]`.
 
     With `mask_input` (a graph input such as `attention_mask`), each batch's mask goes along, so
-    padding tokens are not counted as calibration points.
+    padding tokens are not counted as calibration points. `base_dir` is where the model's
+    external tensors are.
     """
     graph_inputs = {i.name for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     wanted = [name for name in accumulators if name not in graph_inputs]
     added = add_outputs(model, wanted)
     try:
-        session, used = make_session(model, provider, optimize=False)
+        session, used = make_session(model, provider, optimize=False, base_dir=base_dir)
     finally:
         if added:
             del model.graph.output[-added:]

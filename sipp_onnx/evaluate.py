@@ -146,11 +146,13 @@ class Reference:
         output: str | None = None,
         batch_size: int = 256,
         provider: Provider = Provider.AUTO,
+        base_dir: Path | None = None,
     ) -> None:
+        """`base_dir`: where the external tensors of a ModelProto `model` are."""
         proto, source = _session_model(model)
         arrays, self.labels = _read_eval_data(data, labels_key)
         self.data = open_calibration(arrays, model_inputs(proto))
-        session, self.provider = make_session(source, provider)
+        session, self.provider = make_session(source, provider, base_dir=base_dir)
         self.output = _output_name(session, output)
         self.labels = _check_labels(self.labels, labels_key, self.data.samples)
         self.batch_size = batch_size
@@ -165,9 +167,9 @@ class Reference:
     def _labels(self, start: int, n: int) -> np.ndarray | None:
         return None if self.labels is None else self.labels[start : start + n]
 
-    def compare(self, model: str | Path | onnx.ModelProto) -> Comparison:
+    def compare(self, model: str | Path | onnx.ModelProto, base_dir: Path | None = None) -> Comparison:
         """Fidelity (and accuracy) of `model` against the kept reference outputs."""
-        session, _ = make_session(_session_model(model)[1], Provider(self.provider))
+        session, _ = make_session(_session_model(model)[1], Provider(self.provider), base_dir=base_dir)
         if self.output not in [o.name for o in session.get_outputs()]:
             raise ModelError(f"the compared model has no output {self.output!r}")
         sums = _Sums(self.output)

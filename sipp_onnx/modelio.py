@@ -4,17 +4,24 @@ The pruned model is the input model with some weight tensors' contents replaced;
 touched (opsets, ir_version, metadata, names, value_info, functions). Writes are atomic: the
 files are written into a temporary directory beside the destination, checked, and moved into
 place, so a failure or an interrupt never leaves a partial output and never changes the input.
+
+Tensors stored as external data are never loaded as a whole model: the graph is read without
+them, a tensor's values are read when a stage needs them (`read_tensor` with the model's
+directory), and the writer copies every untouched external tensor from the input's data file
+to the output's in chunks. Memory then holds the pruned tensors, not the whole model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import onnx
@@ -68,10 +75,67 @@ def load_model(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
 
 def load_external_data(model: onnx.ModelProto, path: Path) -> None:
     """Read the external tensors of `model`, loaded from `path` without them, into memory."""
+    check_external_data(model, path.parent)
     try:
         external_data_helper.load_external_data_for_model(model, str(path.parent))
     except (FileNotFoundError, OSError) as exc:
         raise ModelError(f"model {str(path)!r} refers to external data that cannot be read: {exc}") from None
+
+
+def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the model: initializers and tensor attributes, subgraphs included."""
+
+    def graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                if attr.HasField("g"):
+                    yield from graph_tensors(attr.g)
+                for sub in attr.graphs:
+                    yield from graph_tensors(sub)
+
+    yield from graph_tensors(model.graph)
+
+
+def _external_info(tensor: onnx.TensorProto) -> tuple[str, int, int | None]:
+    """(location, offset, length or None) of an external tensor."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    length = info.get("length")
+    return info.get("location", ""), int(info.get("offset", 0) or 0), int(length) if length else None
+
+
+def _external_file(base_dir: Path, location: str, tensor: str) -> Path:
+    """The data file of an external tensor, refusing locations outside the model's directory."""
+    if not location or Path(location).is_absolute() or ".." in Path(location).parts:
+        raise ModelError(f"tensor {tensor!r} has an unsafe external data location {location!r}")
+    return base_dir / location
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Fail early, with one line, when an external tensor's file is missing or too short."""
+    sizes: dict[Path, int] = {}
+    for tensor in all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location, offset, length = _external_info(tensor)
+        path = _external_file(base_dir, location, tensor.name)
+        if path not in sizes:
+            try:
+                sizes[path] = path.stat().st_size
+            except OSError as exc:
+                raise ModelError(
+                    f"tensor {tensor.name!r} refers to external data {str(path)!r} that cannot be read: "
+                    f"{exc.strerror or exc}"
+                ) from None
+        end = offset + (length if length is not None else 0)
+        if end > sizes[path]:
+            raise ModelError(
+                f"tensor {tensor.name!r} needs bytes {offset}-{end} of {str(path)!r}, "
+                f"which has only {sizes[path]} (truncated external data?)"
+            )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -132,8 +196,8 @@ def resolve_mask_input(inputs: list[InputSpec], option: str) -> str | None:
 
 
 def external_tensor_names(model: onnx.ModelProto) -> frozenset[str]:
-    """Initializers stored as external data in a model loaded without them (the layout to keep)."""
-    return frozenset(t.name for t in model.graph.initializer if external_data_helper.uses_external_data(t))
+    """Tensors stored as external data in a model loaded without them (the layout to keep)."""
+    return frozenset(t.name for t in all_tensors(model) if external_data_helper.uses_external_data(t))
 
 
 def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
@@ -147,8 +211,19 @@ def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     return tensors
 
 
-def read_tensor(tensor: onnx.TensorProto, base_dir: str | None = None) -> np.ndarray:
-    return numpy_helper.to_array(tensor, base_dir or "")
+def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:
+    """A tensor's values; an external tensor is read from its file under `base_dir`, alone."""
+    if external_data_helper.uses_external_data(tensor):
+        if base_dir is None:
+            raise ModelError(
+                f"tensor {tensor.name!r} is stored as external data, and no model directory was given"
+            )
+        location, offset, length = _external_info(tensor)
+        _external_file(Path(base_dir), location, tensor.name)
+    try:
+        return numpy_helper.to_array(tensor, str(base_dir or ""))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read tensor {tensor.name!r}: {_first_line(exc)}") from None
 
 
 def write_tensor(tensor: onnx.TensorProto, values: np.ndarray) -> None:
@@ -163,14 +238,19 @@ def write_tensor(tensor: onnx.TensorProto, values: np.ndarray) -> None:
 
 
 def shift_bias(
-    model: onnx.ModelProto, protos: dict[str, onnx.TensorProto], slot: BiasSlot, shift: np.ndarray, dtype: str
+    model: onnx.ModelProto,
+    protos: dict[str, onnx.TensorProto],
+    slot: BiasSlot,
+    shift: np.ndarray,
+    dtype: str,
+    base_dir: Path | None = None,
 ) -> str:
     """Add `shift / slot.scale` to the bias at `slot`, creating the bias input when the node has
     none (as a new initializer of `dtype`). Returns the bias tensor's name."""
     values = np.asarray(shift, dtype=np.float64) / slot.scale
     if slot.tensor is not None:
         tensor = protos[slot.tensor]
-        current = numpy_helper.to_array(tensor)
+        current = read_tensor(tensor, base_dir)
         write_tensor(tensor, current.astype(np.float64) + values.reshape(current.shape))
         return slot.tensor
     node = model.graph.node[slot.node_index]
@@ -238,16 +318,104 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
+@contextlib.contextmanager
+def relocated(
+    model: onnx.ModelProto,
+    data_file: Path,
+    choose: Callable[[onnx.TensorProto], bool],
+    base_dir: Path | None = None,
+    copy_external: bool = True,
+) -> Iterator[int]:
+    """Store the chosen in-memory tensors in `data_file` while the block runs, then put them back.
+
+    The model's tensors are pointed at `data_file` (relative to its directory) instead of
+    copied: serializing the model inside the block writes only the graph, and the caller's
+    model is unchanged afterwards. With `copy_external`, tensors that already live in external
+    files under `base_dir` are copied there too, in chunks. Yields the number of tensors moved.
+    """
+    location = data_file.name
+    restore: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
+    try:
+        with open(data_file, "wb") as out:
+            for tensor in all_tensors(model):
+                external = external_data_helper.uses_external_data(tensor)
+                if external and not copy_external:
+                    continue
+                if not external and not (tensor.HasField("raw_data") and choose(tensor)):
+                    continue
+                offset = out.tell()
+                if external:
+                    if base_dir is None:
+                        raise ModelError(
+                            f"tensor {tensor.name!r} is external data, but the model has no directory"
+                        )
+                    _copy_range(tensor, base_dir, out)
+                    previous = [(entry.key, entry.value) for entry in tensor.external_data]
+                    restore.append((tensor, None, previous))
+                else:
+                    data = tensor.raw_data
+                    out.write(data)
+                    restore.append((tensor, data, []))
+                    tensor.ClearField("raw_data")
+                _point_at(
+                    tensor,
+                    [("location", location), ("offset", str(offset)), ("length", str(out.tell() - offset))],
+                )
+        if not restore:
+            data_file.unlink()
+        yield len(restore)
+    finally:
+        for tensor, kept, previous in reversed(restore):
+            if kept is None:
+                _point_at(tensor, previous)
+            else:
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = kept
+
+
+def _point_at(tensor: onnx.TensorProto, entries: list[tuple[str, str]]) -> None:
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in entries:
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+_COPY_CHUNK = 64 << 20
+
+
+def _copy_range(tensor: onnx.TensorProto, base_dir: Path, out: BinaryIO) -> None:
+    """Append an external tensor's bytes to `out`, a chunk at a time."""
+    location, offset, length = _external_info(tensor)
+    path = _external_file(base_dir, location, tensor.name)
+    try:
+        with open(path, "rb") as src:
+            src.seek(offset)
+            remaining = length if length is not None else path.stat().st_size - offset
+            while remaining > 0:
+                chunk = src.read(min(_COPY_CHUNK, remaining))
+                if not chunk:
+                    raise ModelError(f"external data of tensor {tensor.name!r} in {str(path)!r} is truncated")
+                out.write(chunk)
+                remaining -= len(chunk)
+    except FileNotFoundError:
+        raise ModelError(f"external data {str(path)!r} of tensor {tensor.name!r} has disappeared") from None
+
+
 def save_model_atomic(
     model: onnx.ModelProto,
     output: Path,
     external_tensors: frozenset[str] = frozenset(),
     check: Callable[[Path], None] | None = None,
+    base_dir: Path | None = None,
 ) -> list[Path]:
     """Write `model` to `output` (plus `<output>.data` for external tensors), atomically.
 
-    `external_tensors` names the initializers to store in the external data file (the input
-    file's layout); a model over 2 GB gets every initializer of 1 KB or more stored there.
+    `external_tensors` names the tensors to store in the external data file (the input file's
+    layout): the ones still external in `model` are copied from their files under `base_dir`,
+    a chunk at a time; the ones rewritten in memory are written from there. A model over 2 GB
+    gets every tensor of 1 KB or more stored there too. `model` is unchanged afterwards.
     The files are written into a temporary directory in the destination directory (same file
     system, so the final rename is atomic), checked by `onnx.checker` and the optional `check`
     callback (which sees the final file names), then moved into place. Nothing is left behind
@@ -255,26 +423,25 @@ def save_model_atomic(
     """
     output = Path(output)
     parent = output.parent if str(output.parent) else Path(".")
-    data_name = external_data_name(output)
-    copy = onnx.ModelProto()  # the caller's model keeps its bytes in memory
-    copy.CopyFrom(model)
-    big = copy.ByteSize() > TWO_GB
+    big = model.ByteSize() > TWO_GB
     if big and not external_tensors:
         log.warning("model is over 2 GB: writing its weights as external data")
-    externals = 0
-    for tensor in copy.graph.initializer:
-        chosen = tensor.name in external_tensors or (big and len(tensor.raw_data) >= 1024)
-        if chosen and tensor.HasField("raw_data"):
-            external_data_helper.set_external_data(tensor, location=data_name)
-            externals += 1
+
+    def choose(tensor: onnx.TensorProto) -> bool:
+        return tensor.name in external_tensors or (big and tensor.ByteSize() >= 1024)
+
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
     try:
         staged = tmpdir / output.name
-        written = [output] + ([parent / data_name] if externals else [])
+        data_file = tmpdir / external_data_name(output)
         try:
-            onnx.save_model(copy, str(staged))
+            with relocated(model, data_file, choose, base_dir):
+                staged.write_bytes(model.SerializeToString())
         except OSError as exc:
             raise OutputError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
+        except ValueError as exc:  # protobuf refuses to serialize over 2 GB
+            raise OutputError(f"cannot write {str(output)!r}: {_first_line(exc)}") from None
+        written = [output] + ([parent / data_file.name] if data_file.exists() else [])
         try:
             onnx.checker.check_model(str(staged))
         except Exception as exc:

@@ -24,9 +24,9 @@ from .discover import discover
 from .errors import ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .modelio import (
+    check_external_data,
     check_output_path,
     external_tensor_names,
-    load_external_data,
     load_model,
     model_inputs,
     read_tensor,
@@ -53,9 +53,13 @@ class PruneResult:
     """The pruned model (in memory), its report, and where it was written (if anywhere)."""
 
     model: onnx.ModelProto
+    """Tensors that the input stored as external data and that were not rewritten stay external
+    (not loaded): they are read from `base_dir`."""
     report: PruneReport
     output: Path | None = None
     written: list[Path] = field(default_factory=list)
+    base_dir: Path | None = None
+    """The directory of the input model, where `model`'s external tensors are; None in memory."""
 
 
 def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics]) -> int:
@@ -116,9 +120,10 @@ class Prepared:
 
     source: str | Path | onnx.ModelProto
     proto: onnx.ModelProto
-    """The original model (external data loaded); `apply` works on a copy."""
+    """The original model, its external tensors not loaded; `apply` works on a copy."""
     model_path: Path | None
     external: frozenset[str]
+    """The tensors the input stores as external data (read from the model's directory)."""
     found: Discovery
     weights: dict[str, np.ndarray]
     stats: dict[str, LayerStatistics]
@@ -133,6 +138,11 @@ class Prepared:
     has_gram: bool
     timings: dict[str, float]
     mask_input: str | None = None
+
+    @property
+    def base_dir(self) -> Path | None:
+        """Where the external tensors of `proto` are read from."""
+        return self.model_path.parent if self.model_path is not None else None
 
 
 def prune_model(
@@ -178,7 +188,7 @@ def prepare(
     if model_path is not None:
         proto = load_model(model_path, load_external=False)
         external = external_tensor_names(proto)
-        load_external_data(proto, model_path)
+        check_external_data(proto, model_path.parent)
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
@@ -192,8 +202,10 @@ def prepare(
     if mask_input is not None and config.mask_input == "auto":
         log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
     protos = tensor_protos(proto)
-    base_dir = str(model_path.parent) if model_path is not None else None
-    weights = {w.name: read_tensor(protos[w.name], base_dir).astype(np.float32) for w in found.weights}
+    base_dir = model_path.parent if model_path is not None else None
+    weights = {
+        w.name: read_tensor(protos[w.name], base_dir).astype(np.float32, copy=False) for w in found.weights
+    }
     timings = {"load": time.perf_counter() - t0}
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
@@ -201,7 +213,7 @@ def prepare(
     measure = statistics if statistics is not None else config.method is Method.WANDA
     if (want_sens or want_gram or measure) and config.sparsity > 0:
         stats, captured = _calibrate(
-            proto, found, weights, data, config, progress, want_sens, want_gram, mask_input
+            proto, found, weights, data, config, progress, want_sens, want_gram, mask_input, base_dir
         )
         timings["capture"] = captured.run_seconds
         timings["sensitivity"] = captured.stats_seconds
@@ -215,7 +227,7 @@ def prepare(
         want_sens = want_gram = False
         stats, samples = {}, 0
         feed = next(data.batches(config.batch_size))
-        session, provider = make_session(proto, config.provider)
+        session, provider = make_session(proto, config.provider, base_dir=base_dir)
         reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
     return Prepared(
         model,
@@ -282,14 +294,14 @@ def apply(
     refits: list[RefitReport | None] = [None] * len(selected)
     if stats and config.sparsity > 0 and config.sequential:
         t_seq = time.perf_counter()
-        refits = _sequential(
-            proto, protos, found, weights, scores, selected, data, config, progress, prepared.mask_input
-        )
+        refits = _sequential(prepared, proto, protos, scores, selected, config, progress)
         timings["sequential"] = time.perf_counter() - t_seq
     elif config.refit is not Refit.NONE and config.sparsity > 0:
         t_refit = time.perf_counter()
         for i, (w, score) in enumerate(zip(found.weights, scores, strict=True)):
-            selected[i], refits[i] = _refit(proto, protos, w, score, selected[i], stats, config.refit)
+            selected[i], refits[i] = _refit(
+                proto, protos, w, score, selected[i], stats, config.refit, prepared.base_dir
+            )
             if progress is not None:
                 progress("refit", i + 1, len(selected))
         timings["refit"] = time.perf_counter() - t_refit
@@ -303,12 +315,13 @@ def apply(
 
     def verify(path: Path | None) -> None:
         if config.verify:
-            session, _ = make_session(path if path is not None else proto, Provider(provider))
+            source = path if path is not None else proto
+            session, _ = make_session(source, Provider(provider), base_dir=prepared.base_dir)
             checks.extend(_outputs_match(session, prepared.feed, prepared.reference))
 
     written: list[Path] = []
     if out_path is not None:
-        written = save_model_atomic(proto, out_path, prepared.external, check=verify)
+        written = save_model_atomic(proto, out_path, prepared.external, verify, prepared.base_dir)
     else:
         verify(None)
     timings["save"] = time.perf_counter() - t2
@@ -339,7 +352,7 @@ def apply(
             check.output,
             check.rel_l2_error,
         )
-    return PruneResult(proto, report, out_path, written)
+    return PruneResult(proto, report, out_path, written, prepared.base_dir)
 
 
 def _check_covers(prepared: Prepared, config: PruneConfig) -> None:
@@ -369,6 +382,7 @@ def _calibrate(
     sensitivity: bool,
     gram: bool,
     mask_input: str | None,
+    base_dir: Path | None,
 ) -> tuple[dict[str, LayerStatistics], CaptureResult]:
     """One streamed pass over the calibration data; statistics per layer node."""
     accumulators: dict[str, list[Accumulator]] = {}
@@ -378,7 +392,9 @@ def _calibrate(
             acc = _accumulator(layer, weights[w.name], config, sensitivity, gram, data.samples)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
-    captured = capture(proto, data, accumulators, config.batch_size, config.provider, progress, mask_input)
+    captured = capture(
+        proto, data, accumulators, config.batch_size, config.provider, progress, mask_input, base_dir
+    )
     return {node: acc.result() for node, acc in by_node.items()}, captured
 
 
@@ -402,16 +418,13 @@ def layer_stages(proto: onnx.ModelProto, found: Discovery) -> list[list[int]]:
 
 
 def _sequential(
+    prepared: Prepared,
     proto: onnx.ModelProto,
     protos: dict[str, onnx.TensorProto],
-    found: Discovery,
-    weights: dict[str, np.ndarray],
     scores: list[WeightScores],
     selected: list[SelectedWeight],
-    data: CalibrationData,
     config: PruneConfig,
     progress: Progress | None,
-    mask_input: str | None,
 ) -> list[RefitReport | None]:
     """Re-measure, re-select and refit stage by stage on the partly pruned model.
 
@@ -419,13 +432,16 @@ def _sequential(
     which ones, and their refitted values, come from statistics of its inputs in the model whose
     earlier stages are already pruned. `scores`, `selected` and `proto` are updated in place.
     """
+    found, weights, data = prepared.found, prepared.weights, prepared.data
     refits: list[RefitReport | None] = [None] * len(selected)
     stages = layer_stages(proto, found)
     for n, stage in enumerate(stages):
         sub = Discovery(tuple(found.weights[i] for i in stage), ())
         sens = config.method.value.startswith("sipp")
         gram = config.refit is not Refit.NONE
-        stats, _ = _calibrate(proto, sub, weights, data, config, None, sens, gram, mask_input)
+        stats, _ = _calibrate(
+            proto, sub, weights, data, config, None, sens, gram, prepared.mask_input, prepared.base_dir
+        )
         for i in stage:
             w = found.weights[i]
             score = _scores(w, weights[w.name], stats)
@@ -433,7 +449,7 @@ def _sequential(
             if config.method is not Method.MAGNITUDE:
                 sel = select_count([score], config.method.value, selected[i].kept, config.seed)[0]
             if config.refit is not Refit.NONE:
-                sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit)
+                sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit, prepared.base_dir)
             scores[i], selected[i] = score, sel
             write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
         if progress is not None:
@@ -463,6 +479,7 @@ def _refit(
     sel: SelectedWeight,
     stats: Mapping[str, LayerStatistics],
     mode: Refit,
+    base_dir: Path | None,
 ) -> tuple[SelectedWeight, RefitReport]:
     """Refit one weight's kept entries (and its bias); the bias tensor is updated in `proto`."""
     layer = weight.primary
@@ -484,7 +501,7 @@ def _refit(
     )
     bias_tensor = None
     if layer.bias is not None and outcome.bias_shift is not None:
-        bias_tensor = shift_bias(proto, protos, layer.bias, outcome.bias_shift, weight.dtype)
+        bias_tensor = shift_bias(proto, protos, layer.bias, outcome.bias_shift, weight.dtype, base_dir)
     how = outcome.solver if mode is Refit.OBS else "bias"
     note = layer.bias_problem if layer.bias is None else ""
     log.debug("refit %s: output error %.4g -> %.4g", weight.name, outcome.error_before, outcome.error_after)

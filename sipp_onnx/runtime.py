@@ -12,15 +12,16 @@ import contextlib
 import functools
 import io
 import logging
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
 from .config import Provider
 from .errors import ModelError, ProviderError
-from .modelio import TWO_GB
+from .modelio import TWO_GB, np_dtype
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,13 @@ def make_session(
     model: onnx.ModelProto | str | Path,
     provider: Provider = Provider.AUTO,
     optimize: bool = True,
+    base_dir: Path | None = None,
 ) -> tuple[ort.InferenceSession, str]:
     """A session for `model` and the provider it really runs on ('cuda' or 'cpu').
+
+    A ModelProto whose tensors are external data finds them under `base_dir` (the directory
+    of the file it was read from). One over 2 GB in memory hands its big initializers to ORT
+    as buffers (see `_handed_over`).
 
     With `optimize=False` every graph optimization is off, so captured intermediate tensors
     are exactly the node inputs of the original graph (fusions would hide them), and the CPU
@@ -85,25 +91,74 @@ def make_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.enable_cpu_mem_arena = False
     providers = _providers_for(provider)
-    with tempfile.TemporaryDirectory(prefix="sipp-onnx-") as tmp:
-        if isinstance(model, onnx.ModelProto):
-            if model.ByteSize() > TWO_GB:
-                path = Path(tmp) / "model.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True, location="model.data")
-                source: str | bytes = str(path)
-            else:
-                source = model.SerializeToString()
+    if not isinstance(model, onnx.ModelProto):
+        session = _session(str(model), options, providers)
+    else:
+        if base_dir is not None:
+            options.add_session_config_entry(_EXTERNAL_FOLDER, str(Path(base_dir).resolve()))
+        if model.ByteSize() <= TWO_GB:
+            session = _session(model.SerializeToString(), options, providers)
         else:
-            source = str(model)
-        try:
-            session = ort.InferenceSession(source, sess_options=options, providers=providers)
-        except Exception as exc:
-            raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(exc)}") from None
+            with _handed_over(model, options):
+                session = _session(model.SerializeToString(), options, providers)
     used = _PROVIDER_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if provider is Provider.CUDA and used != "cuda":
         raise ProviderError("--provider cuda: a CUDA session could not be created (no usable GPU?)")
     log.info("ONNX Runtime provider: %s", used)
     return session, used
+
+
+# Where ORT looks for the external data of a model given as bytes.
+_EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
+
+
+def _session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(exc)}") from None
+
+
+@contextlib.contextmanager
+def _handed_over(model: onnx.ModelProto, options: ort.SessionOptions) -> Iterator[None]:
+    """Hand a big in-memory model's initializers to ORT as buffers, not inside the protobuf.
+
+    Protobuf cannot serialize over 2 GB. Each top-level initializer of 1 KB or more is, while the
+    block runs, declared external (ORT requires that of a tensor it is given a buffer for) and
+    its bytes are passed with `add_external_initializers`, without a copy and without a file.
+    The caller's model is the same afterwards.
+    """
+    moved: list[tuple[onnx.TensorProto, bytes]] = []
+    names: list[str] = []
+    values: list[ort.OrtValue] = []
+    try:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or tensor.ByteSize() < 1024:
+                continue
+            dtype = np_dtype(tensor.data_type)
+            if dtype.kind not in "fiub":  # bfloat16 and float8 (kind V) stay in the protobuf
+                continue
+            raw = tensor.raw_data
+            array = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+            names.append(tensor.name)
+            values.append(ort.OrtValue.ortvalue_from_numpy(array))
+            moved.append((tensor, raw))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (
+                ("location", "sipp-onnx-in-memory"),
+                ("offset", "0"),
+                ("length", str(len(raw))),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        options.add_external_initializers(names, values)
+        yield
+    finally:
+        for tensor, raw in moved:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+            tensor.raw_data = raw
 
 
 def _ort_message(exc: BaseException) -> str:

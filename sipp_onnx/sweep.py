@@ -222,7 +222,9 @@ def sweep(
         statistics=any(v.method is Method.WANDA for v in variants),
     )
     prepare_seconds = time.perf_counter() - t0
-    dense = Reference(prepared.proto, evaluation, labels_key=labels_key, output=output_name)
+    dense = Reference(
+        prepared.proto, evaluation, labels_key=labels_key, output=output_name, base_dir=prepared.base_dir
+    )
     points: list[SweepPoint] = []
     chosen = metric
     for variant in variants:
@@ -231,7 +233,7 @@ def sweep(
             cfg = replace(base, method=variant.method, refit=variant.refit, sparsity=sparsity)
             result = apply(prepared, cfg)
             seconds = time.perf_counter() - t1
-            comparison = dense.compare(result.model)
+            comparison = dense.compare(result.model, result.base_dir)
             if chosen is None:
                 if comparison.accuracy is not None:
                     chosen = "accuracy"

@@ -1,0 +1,200 @@
+"""Models with external data and models over 2 GB: tensors read on demand, written tensor by
+tensor, the external-data layout kept, and the same pruned weights as the all-in-memory path.
+
+The 2 GB limit is lowered (monkeypatched) so that small models take the big-model branches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from builders import convnet, gaussian_calibration, mlp
+from onnx import external_data_helper, numpy_helper
+
+from sipp_onnx import ModelError, PruneConfig, prune_model
+from sipp_onnx import modelio, runtime
+from sipp_onnx.modelio import read_tensor, tensor_protos
+from sipp_onnx.pipeline import prepare
+
+CONFIGS = [
+    PruneConfig(sparsity=0.6),
+    PruneConfig(sparsity=0.6, method="wanda", refit="bias"),
+    PruneConfig(sparsity=0.6, method="magnitude"),
+    PruneConfig(sparsity=0.6, sequential=True),
+]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_external(model: onnx.ModelProto, path: Path, one_file: bool = True) -> Path:
+    """Save with every tensor external (on a copy: onnx.save_model converts the model in place)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
+    return path
+
+
+def values(path: Path) -> dict[str, np.ndarray]:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["sipp-det-obs", "wanda-bias", "magnitude", "sequential"])
+@pytest.mark.parametrize("one_file", [True, False], ids=["one-data-file", "file-per-tensor"])
+def test_external_model_prunes_like_the_in_memory_one(tmp_path: Path, config: PruneConfig, one_file: bool):
+    model = convnet()
+    x = gaussian_calibration((3, 8, 8), n=12)
+    src = save_external(model, tmp_path / "ext.onnx", one_file)
+    plain = tmp_path / "plain.onnx"
+    onnx.save_model(model, str(plain))
+    before = {p.name: sha(p) for p in tmp_path.iterdir()}
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+
+    result = prune_model(src, {"x": x}, config, output=out_dir / "ext.onnx")
+    reference = prune_model(plain, {"x": x}, config, output=out_dir / "plain.onnx")
+
+    assert {p.name: sha(p) for p in tmp_path.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ext.onnx", "ext.onnx.data", "plain.onnx"]
+    stored = onnx.load(str(out_dir / "ext.onnx"), load_external_data=False)
+    original = {t.name for t in onnx.load(str(src), load_external_data=False).graph.initializer}
+    external = {t.name for t in stored.graph.initializer if external_data_helper.uses_external_data(t)}
+    assert original <= external  # the layout is kept; a bias the refit adds may join it
+    got, want = values(out_dir / "ext.onnx"), values(out_dir / "plain.onnx")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert result.report.sparsity_achieved == pytest.approx(reference.report.sparsity_achieved)
+
+
+def test_untouched_external_tensors_are_never_loaded(tmp_path: Path, monkeypatch):
+    """Only the pruned weights are read; the rest are copied file to file by the writer."""
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    read: list[str] = []
+    original = modelio.read_tensor
+
+    def spy(tensor, base_dir=None):
+        read.append(tensor.name)
+        return original(tensor, base_dir)
+
+    monkeypatch.setattr("sipp_onnx.pipeline.read_tensor", spy)
+    monkeypatch.setattr(
+        external_data_helper, "load_external_data_for_model", lambda *a: pytest.fail("whole model loaded")
+    )
+    x = gaussian_calibration((3, 8, 8), n=8)
+    prepared = prepare(src, {"x": x}, PruneConfig(sparsity=0.5, method="wanda", refit="none"))
+    assert sorted(read) == sorted(w.name for w in prepared.found.weights)
+    protos = tensor_protos(prepared.proto)
+    assert all(external_data_helper.uses_external_data(protos[name]) for name in protos)
+    result = prune_model(src, {"x": x}, PruneConfig(sparsity=0.5, method="wanda", refit="none"), output=tmp_path / "o.onnx")
+    untouched = {t.name for t in result.model.graph.initializer} - set(read)
+    assert untouched and all(
+        external_data_helper.uses_external_data(tensor_protos(result.model)[name]) for name in untouched
+    )
+    for name in untouched:  # copied byte for byte
+        assert np.array_equal(
+            read_tensor(tensor_protos(result.model)[name], tmp_path),
+            numpy_helper.to_array(tensor_protos(onnx.load(str(tmp_path / "o.onnx")))[name]),
+        )
+
+
+@pytest.fixture
+def two_gb_is_small(monkeypatch):
+    """Make every model 'over 2 GB', so the big-model branches run on tiny models."""
+    monkeypatch.setattr(modelio, "TWO_GB", 512)
+    monkeypatch.setattr(runtime, "TWO_GB", 512)
+
+
+def test_in_memory_model_over_the_limit_is_written_with_external_data(tmp_path: Path, two_gb_is_small):
+    model = mlp(sizes=(20, 64, 32, 5))
+    snapshot = model.SerializeToString()
+    x = gaussian_calibration((20,), n=16)
+    out = tmp_path / "out.onnx"
+    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.5), output=out)
+    assert model.SerializeToString() == snapshot
+    stored = onnx.load(str(out), load_external_data=False)
+    external = {t.name for t in stored.graph.initializer if external_data_helper.uses_external_data(t)}
+    assert external == {"W1", "W2"}  # W3 is under 1 KB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    # The pruned model in memory is unchanged by the save (its tensors were put back).
+    assert not any(external_data_helper.uses_external_data(t) for t in result.model.graph.initializer)
+    session, _ = runtime.make_session(result.model)
+    reloaded, _ = runtime.make_session(out)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], reloaded.run(None, {"x": x})[0], rtol=1e-6)
+
+
+def test_big_model_with_external_data_stages_links(tmp_path: Path, two_gb_is_small):
+    """Over the limit with some tensors external and some rewritten in memory (sequential)."""
+    src = save_external(mlp(sizes=(20, 64, 32, 5)), tmp_path / "ext.onnx")
+    plain = tmp_path / "plain.onnx"
+    onnx.save_model(mlp(sizes=(20, 64, 32, 5)), str(plain))
+    x = gaussian_calibration((20,), n=16)
+    config = PruneConfig(sparsity=0.5, sequential=True)
+    prune_model(src, {"x": x}, config, output=tmp_path / "a.onnx")
+    prune_model(plain, {"x": x}, config, output=tmp_path / "b.onnx")
+    got, want = values(tmp_path / "a.onnx"), values(tmp_path / "b.onnx")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_truncated_external_data_is_one_line_error(tmp_path: Path):
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    data = tmp_path / "ext.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="truncated external data"):
+        prune_model(src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_missing_external_data_is_one_line_error(tmp_path: Path):
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    (tmp_path / "ext.onnx.data").unlink()
+    with pytest.raises(ModelError) as info:
+        prune_model(src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx")
+    assert "ext.onnx.data" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_failed_write_restores_the_model_and_leaves_nothing(tmp_path: Path, monkeypatch):
+    model = mlp()
+    snapshot = model.SerializeToString()
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and str(path).endswith(".data"):
+            handle = real_open(path, mode, *args, **kwargs)
+
+            class Full:
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    handle.close()
+
+                def tell(self):
+                    return handle.tell()
+
+                def write(self, data):
+                    raise OSError(28, "No space left on device")
+
+            return Full()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(modelio.OutputError, match="No space left"):
+        modelio.save_model_atomic(model, tmp_path / "o.onnx", frozenset({"W1", "W2"}))
+    assert model.SerializeToString() == snapshot
+    assert list(tmp_path.iterdir()) == []
