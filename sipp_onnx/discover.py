@@ -20,10 +20,22 @@ import onnx_graphsurgeon as gs
 
 from .config import PRUNABLE_OP_TYPES
 from .errors import ModelError
-from .layers import BiasSlot, ConvGeometry, Discovery, Layer, PrunableWeight, SkippedCandidate, WeightLayout
-from .modelio import np_dtype, tensor_protos
+from .layers import (
+    BiasSlot,
+    ChainStep,
+    ConvGeometry,
+    Discovery,
+    Layer,
+    PrunableWeight,
+    SkippedCandidate,
+    WeightLayout,
+)
+from .modelio import np_dtype, read_tensor, tensor_protos
 
-SUPPORTED_DTYPES = ("float32", "float16", "float64")
+SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
+FOLLOWED_OPS = ("Identity", "Transpose", "Reshape", "Cast", "DequantizeLinear")
+"""Ops between a stored constant and a layer's weight that discovery follows (see weightchain)."""
+_FLOAT_DTYPES = SUPPORTED_DTYPES
 
 
 class _Rejected(Exception):
@@ -51,12 +63,13 @@ def discover(
 
     skipped: list[SkippedCandidate] = []
     candidates: dict[str, list[tuple[gs.Node, Layer]]] = {}
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]] = {}
     for node in graph.nodes:
         if node.op not in PRUNABLE_OP_TYPES:
             continue
         node_id = ids[id(node)]
         try:
-            layer = _layer_of(node, node_id, graph_inputs, sparse, protos)
+            layer = _layer_of(node, node_id, graph_inputs, graph_outputs, sparse, protos, chains)
         except _Rejected as why:
             weight = node.inputs[1].name if len(node.inputs) > 1 else None
             skipped.append(SkippedCandidate(node_id, node.op, str(why), weight))
@@ -76,17 +89,12 @@ def discover(
         if reason is not None:
             skipped.extend(SkippedCandidate(layer.node, layer.op_type, reason, name) for _, layer in uses)
             continue
-        proto = protos[name]
-        source = "initializer" if any(t.name == name for t in model.graph.initializer) else "constant"
-        weights.append(
-            PrunableWeight(
-                name,
-                tuple(int(d) for d in proto.dims),
-                str(np_dtype(proto.data_type)),
-                source,
-                tuple(layer for _, layer in uses),
-            )
-        )
+        stored, chain = chains.get(name, (name, ()))
+        source = "initializer" if any(t.name == stored for t in model.graph.initializer) else "constant"
+        shape = uses[0][1].weight_shape
+        dtype = chain[-1].out_dtype if chain else str(np_dtype(protos[name].data_type))
+        layers = tuple(layer for _, layer in uses)
+        weights.append(PrunableWeight(name, shape, dtype, source, layers, stored if chain else "", chain))
     skipped.extend(_subgraph_candidates(graph, ids))
     return Discovery(tuple(weights), tuple(skipped))
 
@@ -126,15 +134,20 @@ def _layer_of(
     node: gs.Node,
     node_id: str,
     graph_inputs: set[str],
+    graph_outputs: set[str],
     sparse: set[str],
     protos: dict[str, onnx.TensorProto],
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
 ) -> Layer:
-    """The Layer for a Gemm/MatMul/Conv node, or raise `_Rejected` with the reason."""
+    """The Layer for a Gemm/MatMul/Conv node, or raise `_Rejected` with the reason.
+
+    A weight computed from a constant by followed ops is recorded in `chains`."""
     if len(node.inputs) < 2 or not node.inputs[0].name or not node.inputs[1].name:
         raise _Rejected("missing an operand")
     act, weight = node.inputs[0], node.inputs[1]
-    act_const = _is_constant(act, graph_inputs, sparse)
-    weight_problem = _constant_source(weight, graph_inputs, sparse)
+    act_const = _is_constant(act, graph_inputs, sparse) or _chain_root(act, graph_inputs, sparse) is not None
+    chain = _follow_chain(weight, graph_inputs, graph_outputs, sparse, protos)
+    weight_problem = "" if chain is not None else _constant_source(weight, graph_inputs, sparse)
     if act_const and not weight_problem:
         raise _Rejected("both operands are constant (a constant-folding candidate, not a layer)")
     if act_const and node.op in ("MatMul", "Gemm"):
@@ -143,15 +156,20 @@ def _layer_of(
         if node.op == "MatMul":
             raise _Rejected(f"both operands are activations (e.g. attention); {weight_problem}")
         raise _Rejected(weight_problem)
-    proto = protos.get(weight.name)
-    if proto is None:
-        raise _Rejected(f"weight {weight.name!r} has no tensor value")
-    shape = tuple(int(d) for d in proto.dims)
-    dtype = str(np_dtype(proto.data_type))
+    if chain is not None:
+        chains[weight.name] = chain
+        shape, dtype = chain[1][-1].out_shape, chain[1][-1].out_dtype
+    else:
+        proto = protos.get(weight.name)
+        if proto is None:
+            raise _Rejected(f"weight {weight.name!r} has no tensor value")
+        shape = tuple(int(d) for d in proto.dims)
+        dtype = str(np_dtype(proto.data_type))
     if dtype not in SUPPORTED_DTYPES:
+        if chain is None:
+            dtype = onnx.TensorProto.DataType.Name(protos[weight.name].data_type).lower()
         raise _Rejected(
-            f"weight dtype {onnx.TensorProto.DataType.Name(proto.data_type).lower()} is not supported "
-            f"(expected one of {', '.join(SUPPORTED_DTYPES)})"
+            f"weight dtype {dtype} is not supported (expected one of {', '.join(SUPPORTED_DTYPES)})"
         )
     if 0 in shape:
         raise _Rejected(f"weight {weight.name!r} is empty, shape {list(shape)}")
@@ -173,6 +191,158 @@ def _layer_of(
             transpose_input=bool(int(node.attrs.get("transA", 0))),
         )
     return _conv_layer(node, node_id, weight.name, act.name, shape)
+
+
+def _chain_root(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> gs.Tensor | None:
+    """The constant that `tensor` is computed from through followed ops only, or None."""
+    while not _is_constant(tensor, graph_inputs, sparse):
+        producers = tensor.inputs
+        if not producers or producers[0].op not in FOLLOWED_OPS or not producers[0].inputs:
+            return None
+        tensor = producers[0].inputs[0]
+    return tensor
+
+
+def _follow_chain(
+    weight: gs.Tensor,
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> tuple[str, tuple[ChainStep, ...]] | None:
+    """(stored constant, steps) when `weight` is computed from a constant by followed ops only.
+
+    None when it is a constant itself or is not computed from one (its usual reason then
+    applies); raises `_Rejected` when the chain exists but cannot be pruned through.
+    """
+    if _is_constant(weight, graph_inputs, sparse):
+        return None
+    root = _chain_root(weight, graph_inputs, sparse)
+    if root is None:
+        return None
+    nodes: list[gs.Node] = []
+    tensor = weight
+    while tensor is not root:
+        node = tensor.inputs[0]
+        nodes.append(node)
+        tensor = node.inputs[0]
+        if len(tensor.outputs) != 1 or tensor.name in graph_outputs:
+            raise _Rejected(
+                f"weight {weight.name!r} is computed from {root.name!r} through {tensor.name!r}, "
+                "which something else also reads"
+            )
+    proto = protos.get(root.name)
+    if proto is None:
+        raise _Rejected(f"weight {weight.name!r} is computed from {root.name!r}, which has no tensor value")
+    shape = tuple(int(d) for d in proto.dims)
+    dtype = str(np_dtype(proto.data_type))
+    steps = []
+    for node in reversed(nodes):
+        try:
+            step = _chain_step(node, shape, dtype, graph_inputs, sparse, protos)
+        except _Rejected as why:
+            raise _Rejected(
+                f"weight {weight.name!r} comes from {root.name!r} through {node.op}: {why}"
+            ) from None
+        steps.append(step)
+        shape, dtype = step.out_shape, step.out_dtype
+    return root.name, tuple(steps)
+
+
+def _chain_step(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    dtype: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> ChainStep:
+    """One followed op applied to a stored tensor of `shape` and `dtype`, or `_Rejected`."""
+    if node.op == "Identity":
+        return ChainStep("Identity", shape, shape, dtype)
+    if node.op == "Transpose":
+        perm = tuple(int(p) for p in node.attrs.get("perm", range(len(shape) - 1, -1, -1)))
+        if sorted(perm) != list(range(len(shape))):
+            raise _Rejected(f"perm {list(perm)} does not fit rank {len(shape)}")
+        return ChainStep("Transpose", shape, tuple(shape[p] for p in perm), dtype, perm=perm)
+    if node.op == "Reshape":
+        return ChainStep("Reshape", shape, _reshaped(node, shape, graph_inputs, sparse, protos), dtype)
+    if node.op == "Cast":
+        to = str(np_dtype(int(node.attrs.get("to", 0))))
+        if dtype not in _FLOAT_DTYPES or to not in _FLOAT_DTYPES:
+            raise _Rejected(f"a cast from {dtype} to {to} (only casts between float types keep zeros)")
+        return ChainStep("Cast", shape, shape, to)
+    return _dequantize_step(node, shape, dtype, graph_inputs, sparse, protos)
+
+
+def _small_constant(
+    tensor: gs.Tensor,
+    what: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> onnx.TensorProto:
+    if not _is_constant(tensor, graph_inputs, sparse) or tensor.name not in protos:
+        raise _Rejected(f"its {what} {tensor.name!r} is not a constant")
+    return protos[tensor.name]
+
+
+def _reshaped(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> tuple[int, ...]:
+    if len(node.inputs) < 2:
+        raise _Rejected("no shape input")
+    proto = _small_constant(node.inputs[1], "shape", graph_inputs, sparse, protos)
+    try:
+        target = [int(d) for d in read_tensor(proto).ravel()]
+    except Exception:
+        raise _Rejected("its shape cannot be read") from None
+    allowzero = int(node.attrs.get("allowzero", 0))
+    out = [shape[i] if d == 0 and not allowzero and i < len(shape) else d for i, d in enumerate(target)]
+    if out.count(-1) == 1:
+        known = prod(d for d in out if d != -1)
+        out[out.index(-1)] = prod(shape) // known if known else -1
+    if any(d < 0 for d in out) or prod(out) != prod(shape):
+        raise _Rejected(f"shape {target} does not fit {list(shape)}")
+    return tuple(out)
+
+
+def _dequantize_step(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    dtype: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> ChainStep:
+    if dtype not in ("int8", "uint8", "int16", "uint16", "int32", "uint32"):
+        raise _Rejected(f"quantized type {dtype} (8, 16 and 32-bit integers are followed)")
+    if int(node.attrs.get("block_size", 0)):
+        raise _Rejected("blocked quantization (block_size) is not followed")
+    if len(node.inputs) < 2:
+        raise _Rejected("no scale")
+    scale = _small_constant(node.inputs[1], "scale", graph_inputs, sparse, protos)
+    zero = ""
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        zero_proto = _small_constant(node.inputs[2], "zero point", graph_inputs, sparse, protos)
+        if str(np_dtype(zero_proto.data_type)) != dtype:
+            raise _Rejected("its zero point's type differs from the weight's")
+        zero = node.inputs[2].name
+    axis = int(node.attrs.get("axis", 1))
+    if not -len(shape) <= axis < len(shape):
+        raise _Rejected(f"axis {axis} does not fit rank {len(shape)}")
+    axis %= len(shape)
+    dims = tuple(int(d) for d in scale.dims)
+    if prod(dims) != 1 and dims != (shape[axis],):
+        raise _Rejected(f"scale of shape {list(dims)} (per-tensor or per-axis scales are followed)")
+    out = str(np_dtype(int(node.attrs.get("output_dtype", 0)) or scale.data_type))
+    return ChainStep(
+        "DequantizeLinear", shape, shape, out, scale=node.inputs[1].name, zero_point=zero, axis=axis
+    )
 
 
 def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple[int, ...]) -> Layer:
@@ -302,7 +472,11 @@ def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCa
                 weight = node.inputs[1].name if len(node.inputs) > 1 else None
                 found.append(
                     SkippedCandidate(
-                        label, node.op, f"inside a subgraph of {owner} (not supported yet)", weight
+                        label,
+                        node.op,
+                        f"inside a subgraph of {owner}: ONNX Runtime cannot return a subgraph's tensors, "
+                        "so its inputs cannot be captured for calibration",
+                        weight,
                     )
                 )
             for value in node.attrs.values():

@@ -36,6 +36,8 @@ class InspectReport:
                         "params": weight.size,
                         "dtype": weight.dtype,
                         "source": weight.source,
+                        "stored": weight.stored_name,
+                        "via": weight.via,
                         "input": layer.input,
                         "shared_with": [other.node for other in weight.layers if other is not layer],
                         "conv": _geometry(layer),
@@ -55,7 +57,7 @@ class InspectReport:
                 (
                     entry["node"],
                     entry["op_type"],
-                    entry["weight"],
+                    f"{entry['stored']} via {entry['via']}" if entry["via"] else entry["weight"],
                     "x".join(str(d) for d in entry["shape"]),
                     f"{entry['params']:,}",
                 )

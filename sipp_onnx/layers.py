@@ -105,11 +105,39 @@ class Layer:
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    """One op between a stored constant and the weight a layer reads (see `weightchain`).
+
+    Every followed op maps stored elements one to one onto weight elements and zero onto zero
+    (DequantizeLinear: the zero point onto 0), so a mask on the weight is a mask on the store.
+    """
+
+    op: str
+    """Identity, Transpose, Reshape, Cast or DequantizeLinear."""
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    out_dtype: str
+    perm: tuple[int, ...] = ()
+    """Transpose."""
+    scale: str = ""
+    """DequantizeLinear: the scale tensor's name."""
+    zero_point: str = ""
+    """DequantizeLinear: the zero point tensor's name ('' when absent: zero)."""
+    axis: int = 1
+    """DequantizeLinear: the axis of a per-channel scale."""
+
+    def describe(self) -> str:
+        return self.op if not self.perm else f"{self.op}{list(self.perm)}"
+
+
+@dataclass(frozen=True)
 class PrunableWeight:
     """A constant weight tensor to prune, with every layer that uses it.
 
     The first use defines the canonical rows; a weight shared by several layers is pruned once,
-    with the element-wise maximum of its sensitivities over all uses.
+    with the element-wise maximum of its sensitivities over all uses. `name`, `shape` and
+    `dtype` are those of the tensor the layers read; with a `chain`, that tensor is computed
+    from the stored constant `stored` by the chain's ops, and pruning rewrites `stored`.
     """
 
     name: str
@@ -118,6 +146,18 @@ class PrunableWeight:
     source: str
     """'initializer' or 'constant' (the output of a Constant node)."""
     layers: tuple[Layer, ...]
+    stored: str = ""
+    """The constant that holds the values ('' when it is `name` itself)."""
+    chain: tuple[ChainStep, ...] = ()
+
+    @property
+    def stored_name(self) -> str:
+        return self.stored or self.name
+
+    @property
+    def via(self) -> str:
+        """How the layers reach the stored tensor, e.g. 'DequantizeLinear -> Transpose[1, 0]'."""
+        return " -> ".join(step.describe() for step in self.chain)
 
     @property
     def size(self) -> int:

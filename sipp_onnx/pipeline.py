@@ -29,18 +29,17 @@ from .modelio import (
     external_tensor_names,
     load_model,
     model_inputs,
-    read_tensor,
     resolve_mask_input,
     save_model_atomic,
     shift_bias,
     tensor_protos,
-    write_tensor,
 )
 from .refit import RefitOutcome, refit_layer
 from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
 from .select import SelectedWeight, WeightScores, select, select_count
 from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
+from .weightchain import read_weight, write_weight
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +202,7 @@ def prepare(
         log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
     protos = tensor_protos(proto)
     base_dir = model_path.parent if model_path is not None else None
-    weights = {
-        w.name: read_tensor(protos[w.name], base_dir).astype(np.float32, copy=False) for w in found.weights
-    }
+    weights = {w.name: read_weight(w, protos, base_dir) for w in found.weights}
     timings = {"load": time.perf_counter() - t0}
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
@@ -309,7 +306,7 @@ def apply(
     t2 = time.perf_counter()
     for w, score, sel in zip(found.weights, scores, selected, strict=True):
         if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
-            write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
+            write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
     checks: list[OutputCheck] = []
     provider = prepared.provider
 
@@ -451,7 +448,7 @@ def _sequential(
             if config.refit is not Refit.NONE:
                 sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit, prepared.base_dir)
             scores[i], selected[i] = score, sel
-            write_tensor(protos[w.name], from_rows(sel.rows, w.primary.layout, w.shape))
+            write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
         if progress is not None:
             progress("sequential", n + 1, len(stages))
     return refits

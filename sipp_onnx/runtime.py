@@ -12,6 +12,7 @@ import contextlib
 import functools
 import io
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,15 +93,22 @@ def make_session(
         options.enable_cpu_mem_arena = False
     providers = _providers_for(provider)
     if not isinstance(model, onnx.ModelProto):
-        session = _session(str(model), options, providers)
+        try:
+            session = _session(str(model), options, providers)
+        except ModelError as exc:
+            if _DUPLICATE_NAMES not in str(exc):
+                raise
+            graph = onnx.load(str(model), load_external_data=False)
+            return make_session(graph, provider, optimize, Path(model).parent)
     else:
         if base_dir is not None:
             options.add_session_config_entry(_EXTERNAL_FOLDER, str(Path(base_dir).resolve()))
-        if model.ByteSize() <= TWO_GB:
-            session = _session(model.SerializeToString(), options, providers)
-        else:
-            with _handed_over(model, options):
+        with _unique_node_names(model):
+            if model.ByteSize() <= TWO_GB:
                 session = _session(model.SerializeToString(), options, providers)
+            else:
+                with _handed_over(model, options):
+                    session = _session(model.SerializeToString(), options, providers)
     used = _PROVIDER_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if provider is Provider.CUDA and used != "cuda":
         raise ProviderError("--provider cuda: a CUDA session could not be created (no usable GPU?)")
@@ -116,7 +124,50 @@ def _session(source: str | bytes, options: ort.SessionOptions, providers: list[s
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load the model: {_ort_message(exc)}") from None
+        raise ModelError(f"ONNX Runtime cannot load the model: {_explain(_ort_message(exc))}") from None
+
+
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
+_UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
+
+
+def _explain(message: str) -> str:
+    """ORT's load errors for ops it cannot run, said in the user's terms."""
+    if match := _UNKNOWN_OP.search(message):
+        domain, op = match.group(1) or "ai.onnx", match.group(2)
+        return (
+            f"op {op} of domain {domain} is not an op ONNX Runtime knows (a custom op: its library "
+            "must be registered with ONNX Runtime, which this tool does not do)"
+        )
+    if match := _NO_KERNEL.search(message):
+        op, version, node = match.groups()
+        return (
+            f"ONNX Runtime has no kernel for {op} (opset {version}) node {node!r} with these input types "
+            "on this provider (bfloat16 and some float16 ops run only with --provider cuda)"
+        )
+    return message
+
+
+_DUPLICATE_NAMES = "two nodes with same node name"
+
+
+@contextlib.contextmanager
+def _unique_node_names(model: onnx.ModelProto) -> Iterator[None]:
+    """Rename repeated node names while the block runs: ONNX allows them, ONNX Runtime does not.
+
+    Only the session sees the new names; the model (and so the pruned output) keeps its own."""
+    renamed: list[tuple[onnx.NodeProto, str]] = []
+    seen: set[str] = set()
+    try:
+        for index, node in enumerate(model.graph.node):
+            if node.name and node.name in seen:
+                renamed.append((node, node.name))
+                node.name = f"{node.name}__sipp_onnx_{index}"
+            seen.add(node.name)
+        yield
+    finally:
+        for node, name in renamed:
+            node.name = name
 
 
 @contextlib.contextmanager

@@ -15,8 +15,7 @@ import pytest
 from builders import convnet, gaussian_calibration, mlp
 from onnx import external_data_helper, numpy_helper
 
-from sipp_onnx import ModelError, PruneConfig, prune_model
-from sipp_onnx import modelio, runtime
+from sipp_onnx import ModelError, PruneConfig, modelio, prune_model, runtime
 from sipp_onnx.modelio import read_tensor, tensor_protos
 from sipp_onnx.pipeline import prepare
 
@@ -90,7 +89,7 @@ def test_untouched_external_tensors_are_never_loaded(tmp_path: Path, monkeypatch
         read.append(tensor.name)
         return original(tensor, base_dir)
 
-    monkeypatch.setattr("sipp_onnx.pipeline.read_tensor", spy)
+    monkeypatch.setattr("sipp_onnx.weightchain.read_tensor", spy)
     monkeypatch.setattr(
         external_data_helper, "load_external_data_for_model", lambda *a: pytest.fail("whole model loaded")
     )
@@ -99,7 +98,9 @@ def test_untouched_external_tensors_are_never_loaded(tmp_path: Path, monkeypatch
     assert sorted(read) == sorted(w.name for w in prepared.found.weights)
     protos = tensor_protos(prepared.proto)
     assert all(external_data_helper.uses_external_data(protos[name]) for name in protos)
-    result = prune_model(src, {"x": x}, PruneConfig(sparsity=0.5, method="wanda", refit="none"), output=tmp_path / "o.onnx")
+    result = prune_model(
+        src, {"x": x}, PruneConfig(sparsity=0.5, method="wanda", refit="none"), output=tmp_path / "o.onnx"
+    )
     untouched = {t.name for t in result.model.graph.initializer} - set(read)
     assert untouched and all(
         external_data_helper.uses_external_data(tensor_protos(result.model)[name]) for name in untouched
@@ -156,7 +157,9 @@ def test_truncated_external_data_is_one_line_error(tmp_path: Path):
     data = tmp_path / "ext.onnx.data"
     data.write_bytes(data.read_bytes()[:-100])
     with pytest.raises(ModelError, match="truncated external data"):
-        prune_model(src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx")
+        prune_model(
+            src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx"
+        )
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -164,7 +167,9 @@ def test_missing_external_data_is_one_line_error(tmp_path: Path):
     src = save_external(convnet(), tmp_path / "ext.onnx")
     (tmp_path / "ext.onnx.data").unlink()
     with pytest.raises(ModelError) as info:
-        prune_model(src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx")
+        prune_model(
+            src, {"x": gaussian_calibration((3, 8, 8), n=4)}, PruneConfig(), output=tmp_path / "o.onnx"
+        )
     assert "ext.onnx.data" in str(info.value) and "\n" not in str(info.value)
 
 
