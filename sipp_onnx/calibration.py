@@ -258,9 +258,15 @@ def _map_keys(label: str, keys: list[str], specs: list[InputSpec]) -> tuple[dict
     return mapping, sorted(k for k in keys if k not in mapping)
 
 
+# Float types NumPy has only through ml_dtypes (kind 'V'): fed from float arrays.
+_NARROW_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
+
+
 def _check_array(label: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     """Validate one array against its input spec; returns it (cast when the kind matches)."""
     where = f"{label}: input {spec.name!r}"
+    if arr.dtype == spec.dtype and spec.dtype.name in _NARROW_FLOATS:
+        arr = arr.astype(np.float32)  # validated as float32, converted back below
     if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise CalibrationError(f"{where} has dtype {arr.dtype}; expected {spec.dtype}")
     if spec.shape and arr.ndim != len(spec.shape):
@@ -279,7 +285,8 @@ def _check_array(label: str, spec: InputSpec, arr: np.ndarray) -> np.ndarray:
     if arr.dtype.kind == "f":
         _check_finite(where, arr, "NaN/inf values")
     if arr.dtype != spec.dtype:
-        if spec.dtype.kind != arr.dtype.kind or spec.dtype == np.dtype(object):
+        kind = "f" if spec.dtype.name in _NARROW_FLOATS else spec.dtype.kind
+        if kind != arr.dtype.kind or spec.dtype == np.dtype(object):
             raise CalibrationError(f"{where} has dtype {arr.dtype}; the model expects {spec.dtype}")
         with np.errstate(over="ignore"):
             converted = arr.astype(spec.dtype)
