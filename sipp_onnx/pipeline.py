@@ -553,6 +553,8 @@ def _report(
                 sampled_row_parts=sel.sampled_row_parts,
                 reduction=config.reduction.value if score.sensitivity is not None else None,
                 refit=refit,
+                stored=w.stored,
+                via=w.via,
             )
         )
     total = sum(layer.params for layer in layers)

@@ -69,6 +69,10 @@ class LayerReport:
     reduction: str | None = None
     """How the sensitivities were reduced over points (None without sensitivities)."""
     refit: RefitReport | None = None
+    stored: str = ""
+    """The constant that was rewritten, when the layers read it through ops (see `via`)."""
+    via: str = ""
+    """The followed ops from `stored` to `weight`, e.g. 'DequantizeLinear -> Transpose[1, 0]'."""
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,8 @@ def test_chain_prunes_like_the_weight_stored_directly(chain, config):
     else:
         tolerance = 1e-3 if "fp16" in chain else 1e-6
         np.testing.assert_allclose(got, want, rtol=tolerance, atol=tolerance)
-    assert result.report.layers[0].weight in ("w1",) or result.report.layers[1].weight == "w1"
+    layer = next(layer for layer in result.report.layers if layer.weight == "w1")
+    assert layer.stored == stored and layer.via == CHAINS[chain][2]
 
 
 def test_quantized_weight_keeps_its_integers_and_pruned_entries_become_the_zero_point():
