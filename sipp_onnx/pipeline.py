@@ -86,7 +86,9 @@ def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: s
     """Element-wise max of a statistic over a weight's uses, in the primary use's rows."""
     merged: np.ndarray | None = None
     for layer in weight.layers:
-        value = np.asarray(getattr(stats[layer.node], attr), dtype=np.float64)
+        # Kept in the accumulator's dtype: float32 sensitivities as float64 would be 8 bytes per
+        # weight of the model more, and the max of float32 values is exact.
+        value = np.asarray(getattr(stats[layer.node], attr))
         stored = from_rows(np.ascontiguousarray(value), layer.layout, weight.shape)
         merged = stored if merged is None else np.maximum(merged, stored)
     assert merged is not None

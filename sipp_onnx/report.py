@@ -25,7 +25,7 @@ class SensitivityStats:
 
     @classmethod
     def of(cls, sens: np.ndarray, weight: np.ndarray) -> SensitivityStats | None:
-        values = sens[weight != 0]
+        values = sens[weight != 0].astype(np.float64)
         if values.size == 0:
             return None
         return cls(float(values.min()), float(np.median(values)), float(values.mean()), float(values.max()))

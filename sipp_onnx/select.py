@@ -22,7 +22,7 @@ This module imports numpy only.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,34 +89,107 @@ def _top(key: np.ndarray, absw: np.ndarray, keep: int) -> np.ndarray:
 
 
 def _global_top(
-    scores: Sequence[np.ndarray],
+    key_of: Callable[[int], np.ndarray],
     weights: Sequence[np.ndarray],
     keep: int,
     floors: Sequence[int] | None = None,
+    narrow: bool = False,
 ) -> list[np.ndarray]:
-    """Masks keeping the `keep` largest scores over all weights (ties: larger |w| first).
+    """Masks keeping the `keep` largest keys over all weights (ties: larger |w| first, then the
+    earlier position in the weights' order). Zero weights are never kept.
 
+    `key_of(i)` gives weight i's non-negative keys; it is called a few times per weight instead of
+    concatenating every key (the concatenation, its float64 copy and a partition of it cost 30
+    bytes per parameter: 19 GB at 625 M). The threshold is found by a radix select on the keys'
+    bit patterns (monotone for non-negative floats), 16 bits per pass over the weights: float64
+    keys, or float32 ones with `narrow` (exact when every key is float32: half the passes).
     `floors[i]`: weight i keeps at least its own top `floors[i]` entries whatever the global
     threshold says (one threshold alone can wipe out a layer whose scores are uniformly small).
     """
-    flat_w = np.abs(np.concatenate([w.ravel() for w in weights]))
-    live = flat_w > 0
-    keep = min(keep, int(live.sum()))
-    # Zero weights sort last (they stay zero whatever we decide).
-    key = np.where(live, np.concatenate([s.ravel() for s in scores]).astype(np.float64), -np.inf)
-    if floors is not None:
-        start = 0
-        for w, floor in zip(weights, floors, strict=True):
-            part = slice(start, start + w.size)
-            reserved = _top(key[part], flat_w[part], min(floor, int(live[part].sum()), keep))
-            key[part][reserved] = np.inf
-            start += w.size
-    mask = _top(key, flat_w, keep)
-    out, start = [], 0
-    for w in weights:
-        out.append(mask[start : start + w.size].reshape(w.shape))
-        start += w.size
+    live = [int(np.count_nonzero(w)) for w in weights]
+    keep = min(keep, sum(live))
+    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
+    if keep <= 0:
+        return masks
+    for i, floor in enumerate(floors or ()):
+        take = min(floor, live[i], keep)
+        if take > 0:
+            key = _live_key(key_of(i), weights[i], np.float64).ravel()
+            masks[i] = _top(key, np.abs(weights[i]).ravel(), take).reshape(weights[i].shape)
+    need = keep - sum(int(m.sum()) for m in masks)
+    if need <= 0:  # the floors alone fill the budget: the reserved entries tie at the top
+        return _first_by_magnitude(weights, masks, keep)
+
+    ftype, utype = (np.float32, np.uint32) if narrow else (np.float64, np.uint64)
+    width = 32 if narrow else 64
+
+    def candidates(i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Weight i's keys as bits, and which entries compete for the threshold (None: all)."""
+        key = np.add(key_of(i), ftype(0.0), dtype=ftype)  # -0.0 -> +0.0: bit order is value order
+        compete = (weights[i] != 0) & ~masks[i]
+        return key.view(utype), None if compete.all() else compete
+
+    prefix, remaining = 0, need
+    for shift in range(width - 16, -1, -16):
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for i in range(len(weights)):
+            bits, compete = candidates(i)
+            chosen = bits.ravel() if compete is None else bits[compete]
+            if shift < width - 16:
+                chosen = chosen[(chosen >> utype(shift + 16)) == utype(prefix)]
+            digits = chosen >> utype(shift)
+            if shift < width - 16:  # the top digit is all that is left after the shift
+                digits &= utype(0xFFFF)
+            counts += np.bincount(digits, minlength=1 << 16)
+        from_top = np.cumsum(counts[::-1])
+        j = int(np.searchsorted(from_top, remaining))
+        remaining -= int(from_top[j - 1]) if j > 0 else 0
+        prefix = (prefix << 16) | (0xFFFF - j)
+    threshold = utype(prefix)
+    tied: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for i in range(len(weights)):
+        bits, compete = candidates(i)
+        if compete is None:
+            masks[i] |= bits > threshold
+            tied.append((i, np.flatnonzero(bits == threshold), np.abs(weights[i]).ravel()))
+        else:
+            masks[i] |= compete & (bits > threshold)
+            tied.append((i, np.flatnonzero(compete & (bits == threshold)), np.abs(weights[i]).ravel()))
+    _take_ties(masks, tied, remaining)
+    return masks
+
+
+def _live_key(key: np.ndarray, weight: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """Keys as `dtype` (a new array: -0.0 made +0.0, so bit order is value order); zero weights -inf."""
+    out = np.add(key, dtype(0.0), dtype=dtype)
+    out[weight == 0] = -np.inf
     return out
+
+
+def _take_ties(masks: list[np.ndarray], tied: list[tuple[int, np.ndarray, np.ndarray]], count: int) -> None:
+    """Keep `count` of the tied entries (weight i, flat positions, |w|): larger |w| first, then
+    earlier position in the weights' order."""
+    if count <= 0:
+        return
+    which = np.concatenate([np.full(pos.size, i) for i, pos, _ in tied])
+    where = np.concatenate([pos for _, pos, _ in tied])
+    magnitude = np.concatenate([absw[pos] for _, pos, absw in tied])
+    order = np.lexsort((where, which, -magnitude))[:count]
+    for i in np.unique(which[order]):
+        masks[i].reshape(-1)[where[order][which[order] == i]] = True
+
+
+def _first_by_magnitude(
+    weights: Sequence[np.ndarray], reserved: list[np.ndarray], keep: int
+) -> list[np.ndarray]:
+    """`keep` of the reserved entries, by the tie rule, when they are all the budget allows."""
+    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
+    tied = [
+        (i, np.flatnonzero(r), np.abs(w).ravel())
+        for i, (w, r) in enumerate(zip(weights, reserved, strict=True))
+    ]
+    _take_ties(masks, tied, keep)
+    return masks
 
 
 def select_global(
@@ -129,11 +202,20 @@ def select_global(
     rows = [w.rows for w in weights]
     if by == "sensitivity":
         scores = [_require(w.sensitivity, "sensitivity") for w in weights]
+
+        def key_of(i: int) -> np.ndarray:
+            return scores[i]
     else:
-        scores = [np.abs(r) for r in rows]
+        scores = rows
+
+        def key_of(i: int) -> np.ndarray:
+            return np.abs(rows[i])
+
+    narrow = all(score.dtype == np.float32 for score in scores)
+
     total = sum(r.size for r in rows)
     floors = [math.ceil(layer_floor * keep / total * r.size) for r in rows] if layer_floor > 0 else None
-    masks = _global_top(scores, rows, keep, floors)
+    masks = _global_top(key_of, rows, keep, floors, narrow)
     return [
         SelectedWeight(
             np.where(m, w.rows, 0).astype(w.rows.dtype),

@@ -183,3 +183,57 @@ def test_row_top_equals_a_full_sort_per_row_with_ties(seed):
     np.testing.assert_array_equal(row_top(score, tiebreak, k), slow_row_top(score, tiebreak, k))
     unique = rng.permutation(n * width).reshape(n, width).astype(np.float64)
     np.testing.assert_array_equal(row_top(unique, tiebreak, k), slow_row_top(unique, tiebreak, k))
+
+
+def _slow_global_top(keys, weights, keep, floors=None):
+    """The rule written out: one sorted list over every weight (key desc, |w| desc, position)."""
+    entries = []
+    position = 0
+    for i, (key, w) in enumerate(zip(keys, weights, strict=True)):
+        for j, (k, v) in enumerate(zip(key.ravel(), w.ravel(), strict=True)):
+            if v != 0:
+                entries.append((i, j, float(k), abs(float(v)), position + j))
+        position += w.size
+    keep = min(keep, len(entries))
+    reserved = set()
+    for i, floor in enumerate(floors or ()):
+        mine = sorted((e for e in entries if e[0] == i), key=lambda e: (-e[2], -e[3], e[4]))
+        reserved |= {(e[0], e[1]) for e in mine[: min(floor, len(mine), keep)]}
+    order = sorted(
+        entries,
+        key=lambda e: (
+            (e[0], e[1]) not in reserved,
+            -e[2] if (e[0], e[1]) not in reserved else 0,
+            -e[3],
+            e[4],
+        ),
+    )
+    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
+    for i, j, *_ in order[:keep]:
+        masks[i].reshape(-1)[j] = True
+    return masks
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("floors", [None, "some", "all"])
+def test_global_top_equals_one_sorted_list(seed, floors):
+    """The radix select over the weights (no concatenation) against a plain sort, with ties in
+    keys and magnitudes, zero weights, -0.0 keys, and floors that fill part or all of the budget."""
+    from sipp_onnx.select import _global_top
+
+    rng = np.random.default_rng(seed)
+    shapes = [(7, 9), (4, 13), (1, 5), (6, 6)]
+    weights = [rng.choice([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], size=s).astype(np.float32) for s in shapes]
+    keys = [rng.choice([0.0, -0.0, 0.25, 0.5, 1e-30, 7.0, 1e300], size=s) for s in shapes]
+    keys[1] = rng.random(shapes[1]).astype(np.float32)  # float32 keys are widened exactly
+    with np.errstate(over="ignore"):
+        narrow = [k.astype(np.float32) for k in keys]  # 1e300 -> inf, 1e-30 stays: still ordered
+    total = sum(w.size for w in weights)
+    for keep in (0, 1, 17, total // 2, total - 3, total + 5):
+        floor = None if floors is None else [3, 0, 2, 5] if floors == "some" else [keep] * 4
+        want = _slow_global_top(keys, weights, keep, floor)
+        for g, w in zip(_global_top(keys.__getitem__, weights, keep, floor), want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        want = _slow_global_top(narrow, weights, keep, floor)
+        for g, w in zip(_global_top(narrow.__getitem__, weights, keep, floor, True), want, strict=True):
+            np.testing.assert_array_equal(g, w)
