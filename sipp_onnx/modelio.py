@@ -325,16 +325,18 @@ def relocated(
     choose: Callable[[onnx.TensorProto], bool],
     base_dir: Path | None = None,
     copy_external: bool = True,
+    restore: bool = True,
 ) -> Iterator[int]:
     """Store the chosen in-memory tensors in `data_file` while the block runs, then put them back.
 
     The model's tensors are pointed at `data_file` (relative to its directory) instead of
     copied: serializing the model inside the block writes only the graph, and the caller's
-    model is unchanged afterwards. With `copy_external`, tensors that already live in external
-    files under `base_dir` are copied there too, in chunks. Yields the number of tensors moved.
+    model is unchanged afterwards (unless `restore` is False: the tensors then stay in the
+    data file). With `copy_external`, tensors that already live in external files under
+    `base_dir` are copied there too, in chunks. Yields the number of tensors moved.
     """
     location = data_file.name
-    restore: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
+    moved: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
     try:
         with open(data_file, "wb") as out:
             for tensor in all_tensors(model):
@@ -351,21 +353,23 @@ def relocated(
                         )
                     _copy_range(tensor, base_dir, out)
                     previous = [(entry.key, entry.value) for entry in tensor.external_data]
-                    restore.append((tensor, None, previous))
+                    moved.append((tensor, None, previous))
                 else:
                     data = tensor.raw_data
                     out.write(data)
-                    restore.append((tensor, data, []))
+                    moved.append((tensor, data, []))
                     tensor.ClearField("raw_data")
                 _point_at(
                     tensor,
                     [("location", location), ("offset", str(offset)), ("length", str(out.tell() - offset))],
                 )
-        if not restore:
+        if not moved:
             data_file.unlink()
-        yield len(restore)
+        yield len(moved)
+        if not restore:
+            moved.clear()
     finally:
-        for tensor, kept, previous in reversed(restore):
+        for tensor, kept, previous in reversed(moved):
             if kept is None:
                 _point_at(tensor, previous)
             else:
@@ -409,13 +413,17 @@ def save_model_atomic(
     external_tensors: frozenset[str] = frozenset(),
     check: Callable[[Path], None] | None = None,
     base_dir: Path | None = None,
+    detach: bool = False,
 ) -> list[Path]:
     """Write `model` to `output` (plus `<output>.data` for external tensors), atomically.
 
     `external_tensors` names the tensors to store in the external data file (the input file's
     layout): the ones still external in `model` are copied from their files under `base_dir`,
     a chunk at a time; the ones rewritten in memory are written from there. A model over 2 GB
-    gets every tensor of 1 KB or more stored there too. `model` is unchanged afterwards.
+    gets every tensor of 1 KB or more stored there too. `model` is unchanged afterwards, unless
+    the caller gives it up with `detach`: the tensors written to the data file then stay there
+    (referred to relative to the output's directory), so their bytes are not held in memory
+    again while `check` loads the written model.
     The files are written into a temporary directory in the destination directory (same file
     system, so the final rename is atomic), checked by `onnx.checker` and the optional `check`
     callback (which sees the final file names), then moved into place. Nothing is left behind
@@ -435,7 +443,7 @@ def save_model_atomic(
         staged = tmpdir / output.name
         data_file = tmpdir / external_data_name(output)
         try:
-            with relocated(model, data_file, choose, base_dir):
+            with relocated(model, data_file, choose, base_dir, restore=not detach):
                 staged.write_bytes(model.SerializeToString())
         except OSError as exc:
             raise OutputError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None

@@ -52,13 +52,14 @@ class PruneResult:
     """The pruned model (in memory), its report, and where it was written (if anywhere)."""
 
     model: onnx.ModelProto
-    """Tensors that the input stored as external data and that were not rewritten stay external
-    (not loaded): they are read from `base_dir`."""
+    """Tensors stored as external data stay external (not loaded): they are read from
+    `base_dir`."""
     report: PruneReport
     output: Path | None = None
     written: list[Path] = field(default_factory=list)
     base_dir: Path | None = None
-    """The directory of the input model, where `model`'s external tensors are; None in memory."""
+    """Where `model`'s external tensors are: the output's directory after `prune_model` wrote it,
+    else the input model's; None for a model given in memory and not written."""
 
 
 def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics]) -> int:
@@ -306,9 +307,20 @@ def apply(
         timings["refit"] = time.perf_counter() - t_refit
 
     t2 = time.perf_counter()
-    for w, score, sel in zip(found.weights, scores, selected, strict=True):
+    sipp = config.method.value.startswith("sipp")
+    recommended = recommended_samples(list(found.layers), stats) if stats and sipp else None
+    layer_reports = []
+    for i, w in enumerate(found.weights):
+        score, sel = scores[i], selected[i]
+        layer_reports.append(_layer_report(w, score, sel, refits[i], config))
         if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
             write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
+        if not copy_model:  # the prepared model is used up: hold each weight once, in `proto`
+            del score, sel
+            scores[i] = selected[i] = None  # type: ignore[call-overload]
+            prepared.weights.pop(w.name, None)
+            for layer in w.layers:
+                stats.pop(layer.node, None)
     checks: list[OutputCheck] = []
     provider = prepared.provider
 
@@ -320,7 +332,9 @@ def apply(
 
     written: list[Path] = []
     if out_path is not None:
-        written = save_model_atomic(proto, out_path, prepared.external, verify, prepared.base_dir)
+        written = save_model_atomic(
+            proto, out_path, prepared.external, verify, prepared.base_dir, detach=not copy_model
+        )
     else:
         verify(None)
     timings["save"] = time.perf_counter() - t2
@@ -335,10 +349,8 @@ def apply(
         out_path,
         config,
         found,
-        scores,
-        selected,
-        refits,
-        stats,
+        layer_reports,
+        recommended,
         data,
         prepared.samples,
         provider,
@@ -351,7 +363,9 @@ def apply(
             check.output,
             check.rel_l2_error,
         )
-    return PruneResult(proto, report, out_path, written, prepared.base_dir)
+    # Given up to the writer, the model's external tensors are now the output's.
+    base_dir = out_path.parent if out_path is not None and not copy_model else prepared.base_dir
+    return PruneResult(proto, report, out_path, written, base_dir)
 
 
 def _check_covers(prepared: Prepared, config: PruneConfig) -> None:
@@ -518,51 +532,51 @@ def _no_layers_message(found: Discovery) -> str:
     return f"no prunable layer: {reasons}{more}"
 
 
+def _layer_report(
+    w: PrunableWeight,
+    score: WeightScores,
+    sel: SelectedWeight,
+    refit: RefitReport | None,
+    config: PruneConfig,
+) -> LayerReport:
+    kept = int(np.count_nonzero(sel.rows))
+    return LayerReport(
+        weight=w.name,
+        nodes=tuple(layer.node for layer in w.layers),
+        op_type=w.primary.op_type,
+        shape=w.shape,
+        params=w.size,
+        nonzero_before=int(np.count_nonzero(score.rows)),
+        kept=kept,
+        sparsity=1.0 - kept / w.size,
+        sensitivity=SensitivityStats.of(score.sensitivity, score.rows)
+        if score.sensitivity is not None
+        else None,
+        bound=sel.bound,
+        sampled_row_parts=sel.sampled_row_parts,
+        reduction=config.reduction.value if score.sensitivity is not None else None,
+        refit=refit,
+        stored=w.stored,
+        via=w.via,
+    )
+
+
 def _report(
     mask_input: str | None,
     model: str | Path | onnx.ModelProto,
     out_path: Path | None,
     config: PruneConfig,
     found: Discovery,
-    scores: list[WeightScores],
-    selected: list[SelectedWeight],
-    refits: list[RefitReport | None],
-    stats: dict[str, LayerStatistics],
+    layers: list[LayerReport],
+    recommended: int | None,
     data: CalibrationData,
     samples: int,
     provider: str,
     timings: dict[str, float],
     checks: list[OutputCheck],
 ) -> PruneReport:
-    layers = []
-    for w, score, sel, refit in zip(found.weights, scores, selected, refits, strict=True):
-        nonzero = int(np.count_nonzero(score.rows))
-        kept = int(np.count_nonzero(sel.rows))
-        layers.append(
-            LayerReport(
-                weight=w.name,
-                nodes=tuple(layer.node for layer in w.layers),
-                op_type=w.primary.op_type,
-                shape=w.shape,
-                params=w.size,
-                nonzero_before=nonzero,
-                kept=kept,
-                sparsity=1.0 - kept / w.size,
-                sensitivity=SensitivityStats.of(score.sensitivity, score.rows)
-                if score.sensitivity is not None
-                else None,
-                bound=sel.bound,
-                sampled_row_parts=sel.sampled_row_parts,
-                reduction=config.reduction.value if score.sensitivity is not None else None,
-                refit=refit,
-                stored=w.stored,
-                via=w.via,
-            )
-        )
     total = sum(layer.params for layer in layers)
     kept = sum(layer.kept for layer in layers)
-    sipp = config.method.value.startswith("sipp")
-    recommended = recommended_samples(list(found.layers), stats) if stats and sipp else None
     warnings = list(data.warnings)
     if recommended is not None and samples < recommended:
         message = (

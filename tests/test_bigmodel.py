@@ -130,9 +130,10 @@ def test_in_memory_model_over_the_limit_is_written_with_external_data(tmp_path: 
     external = {t.name for t in stored.graph.initializer if external_data_helper.uses_external_data(t)}
     assert external == {"W1", "W2"}  # W3 is under 1 KB
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
-    # The pruned model in memory is unchanged by the save (its tensors were put back).
-    assert not any(external_data_helper.uses_external_data(t) for t in result.model.graph.initializer)
-    session, _ = runtime.make_session(result.model)
+    # The pruned model in memory was given to the writer: its big tensors are the output's now.
+    in_memory = {t.name for t in result.model.graph.initializer if external_data_helper.uses_external_data(t)}
+    assert in_memory == {"W1", "W2"} and result.base_dir == tmp_path
+    session, _ = runtime.make_session(result.model, base_dir=result.base_dir)
     reloaded, _ = runtime.make_session(out)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], reloaded.run(None, {"x": x})[0], rtol=1e-6)
 

@@ -165,8 +165,8 @@ def test_external_data_is_preserved(tmp_path):
     stored = onnx.load(str(out), load_external_data=False)
     assert any(onnx.external_data_helper.uses_external_data(t) for t in stored.graph.initializer)
     assert result.written == [out, out_dir / "pruned.onnx.data"]
-    # In memory, the tensors left untouched are still external: read from the input's directory.
-    assert result.base_dir == tmp_path
+    # In memory, external tensors stay external: after the write, the output's.
+    assert result.base_dir == out_dir
     assert onnx.external_data_helper.uses_external_data(tensor_protos(result.model)["g_w"])
     session, _ = make_session(result.model, base_dir=result.base_dir)
     np.testing.assert_allclose(run(out, {"x": x})[0], session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
