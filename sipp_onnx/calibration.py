@@ -122,22 +122,29 @@ def _read_file(path: Path) -> Arrays:
     """All arrays of a .npz / .npy file, as CalibrationError on any problem."""
     try:
         if path.suffix == ".npy":
-            return {"": np.load(path, allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
+            arrays = {"": np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
     except ValueError as exc:
         if "Object arrays" in str(exc):
             raise CalibrationError(
                 f"{path}: holds object (pickled) arrays, which are not loaded for safety; "
                 "save plain numeric arrays"
             ) from None
-        if "pickled data" in str(exc):
+        # NumPy takes any file that is neither a zip nor a .npy for a pickle ("Cannot load file
+        # containing pickled data ..." before 2.x, "This file contains pickled (object) data" since)
+        if "pickled" in str(exc):
             raise CalibrationError(
                 f"{path}: cannot read as .npy/.npz: not a NumPy file (loading it would mean unpickling)"
             ) from None
         raise CalibrationError(f"{path}: cannot read as .npy/.npz: {exc}") from None
     except Exception as exc:  # zipfile.BadZipFile, OSError, EOFError, ...
         raise CalibrationError(f"{path}: cannot read as .npy/.npz: {exc or type(exc).__name__}") from None
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):  # NumPy returns a member that is not .npy as bytes
+            raise CalibrationError(f"{path}: member {key!r} is not a NumPy array (.npy); save with np.savez")
+    return arrays
 
 
 _VALIDATE_BLOCK = 256
@@ -385,15 +392,15 @@ def open_calibration(
         )
     if unused:
         warnings.append(f"calibration arrays not used by any model input: {sorted(unused)}")
-    for message in warnings:
-        log.warning(message)
-    if fixed and used < fixed:
+    if fixed and used < fixed:  # before the warnings: a failed run prints its error line only
         raise CalibrationError(
             f"the model fixes its batch size to {fixed} but only {used} calibration sample(s) are given"
         )
     names = tuple(s.name for s in specs if s.name in fed[0])
     if any(set(f) != set(names) for f in fed):
         raise CalibrationError("calibration files do not all provide the same model inputs")
+    for message in warnings:
+        log.warning(message)
     return CalibrationData(names, chunks, used, available, tuple(sorted(unused)), fixed, warnings)
 
 

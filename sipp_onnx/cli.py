@@ -1,15 +1,20 @@
 """The `sipp-onnx` command line: a thin shell over the library.
 
 Tables and JSON go to stdout, progress and warnings to stderr. Errors caused by the input are
-one line on stderr and exit status 1; an interrupt exits 130 without leaving partial output.
+one line on stderr and exit status 1; an interrupt (Ctrl-C, SIGINT) exits 130 and SIGTERM exits
+143, both without leaving partial output: SIGTERM is turned into the same exception as Ctrl-C,
+so the writers' clean-up runs instead of the process dying with a temporary directory left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +30,52 @@ from .pipeline import prune_model
 from .sweep import SWEEP_FILES, SweepPoint, Variant, sweep, write_sweep
 
 
-def _run(action: Callable[[], Any]) -> Any:
-    """Run a command body, turning input errors into one line and a non-zero exit."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the
+    `finally` blocks of the writers run (the default action kills the process on the spot)."""
+
+
+def _raise_terminated(_signum: int, _frame: object) -> None:
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises `_Terminated` (main thread only: elsewhere Python
+    cannot install handlers, and the default action stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return action()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _run(action: Callable[[], Any], written: list[Path] | None = None) -> Any:
+    """Run a command body, turning input errors into one line and a non-zero exit.
+
+    `written` is filled by the body with the files it has finished writing, so that an interrupt
+    after them says so instead of claiming nothing was written.
+    """
+    try:
+        with _sigterm_as_interrupt():
+            return action()
     except SippError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted: nothing was written", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, _Terminated)
+        done = "after writing " + ", ".join(map(str, written)) if written else "nothing was written"
+        click.echo(f"interrupted: {'SIGTERM, ' if terminated else ''}{done}", err=True)
+        sys.exit(143 if terminated else 130)
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 class _StderrLog(logging.Handler):
@@ -256,9 +297,16 @@ def prune(
         result = prune_model(
             model, calibration, config, output=out, overwrite=overwrite, progress=_Progress(not quiet)
         )
+        written.extend(result.written)
         report = result.report
         if report_path is not None:
-            report.write_json(report_path)
+            try:
+                report.write_json(report_path)
+            except BaseException:  # model and report are one result: all or nothing
+                _remove(written)
+                written.clear()
+                raise
+            written.append(report_path)
         if quiet:
             return
         click.echo(report.format_table())
@@ -290,7 +338,8 @@ def prune(
             click.echo(f"{len(report.skipped)} candidate(s) not pruned; see `sipp-onnx inspect`")
         click.echo(f"wrote {result.output}")
 
-    _run(body)
+    written: list[Path] = []
+    _run(body, written)
 
 
 def _default_output(model: Path) -> Path:
@@ -391,10 +440,6 @@ def _format_eval(report: EvalReport) -> str:
             lines.append(f"top-1 agreement: {c.top1_agreement:.2%}")
         lines.append(f"relative L2 error: {c.rel_l2_error:.4g}; mean cosine similarity: {c.cosine:.6f}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
 
 
 @main.command("sweep")
@@ -499,3 +544,7 @@ def sweep_command(
         click.echo("wrote " + ", ".join(str(p) for p in written))
 
     _run(body)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
