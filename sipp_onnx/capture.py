@@ -95,6 +95,11 @@ def capture(
         mask = feed.get(mask_input) if mask_input is not None else None
         for name, accs in accumulators.items():
             x = feed[name] if name in graph_inputs else values[name]
+            if name not in graph_inputs and x.dtype.kind == "f" and not np.isfinite(x).all():
+                raise CalibrationError(
+                    f"calibration batch {index}: the layer input {name!r} holds NaN/inf, so the model "
+                    "overflows on this data (values far outside its range?)"
+                )
             for acc in accs:
                 acc.update(x, mask)
         del values

@@ -10,13 +10,15 @@ the reason, including nodes inside If/Loop/Scan subgraphs.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from math import prod
 
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from .config import PRUNABLE_OP_TYPES
 from .errors import ModelError
@@ -49,7 +51,8 @@ def discover(
 ) -> Discovery:
     """Walk the top-level graph and classify every Gemm/MatMul/Conv node."""
     try:
-        graph = gs.import_onnx(model)
+        with _quiet_graphsurgeon():
+            graph = gs.import_onnx(model)
     except Exception as exc:
         raise ModelError(f"cannot read the model's graph: {str(exc).splitlines()[0]}") from None
     op_types = tuple(op_types)
@@ -97,6 +100,18 @@ def discover(
         weights.append(PrunableWeight(name, shape, dtype, source, layers, stored if chain else "", chain))
     skipped.extend(_subgraph_candidates(graph, ids))
     return Discovery(tuple(weights), tuple(skipped))
+
+
+@contextlib.contextmanager
+def _quiet_graphsurgeon() -> Iterator[None]:
+    """onnx-graphsurgeon prints its warnings (e.g. on any bfloat16 tensor) on stdout, which is
+    the CLI's JSON and tables: only its critical messages are let through."""
+    previous = G_LOGGER.severity
+    G_LOGGER.severity = G_LOGGER.CRITICAL
+    try:
+        yield
+    finally:
+        G_LOGGER.severity = previous
 
 
 def _node_ids(nodes: list[gs.Node]) -> dict[int, str]:

@@ -312,10 +312,12 @@ def write_text_atomic(path: Path, text: str) -> None:
             handle.write(text)
         _ordinary_permissions(tmp)
         os.replace(tmp, path)
+        tmp = None
     except OSError as exc:
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    finally:  # also on an interrupt
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
 
 
 @contextlib.contextmanager
@@ -438,7 +440,10 @@ def save_model_atomic(
     def choose(tensor: onnx.TensorProto) -> bool:
         return tensor.name in external_tensors or (big and tensor.ByteSize() >= 1024)
 
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {str(parent)!r}: {exc.strerror or exc}") from None
     try:
         staged = tmpdir / output.name
         data_file = tmpdir / external_data_name(output)

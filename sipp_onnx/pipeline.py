@@ -21,7 +21,7 @@ from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
 from .config import Method, Provider, PruneConfig, Refit
 from .discover import discover
-from .errors import ConfigError, ModelError, NoPrunableLayersError
+from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .modelio import (
     check_external_data,
@@ -195,6 +195,8 @@ def prepare(
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         external = frozenset()
+    if not proto.graph.output:
+        raise ModelError("the model has no graph outputs (nothing to run or to check)")
     found = discover(proto, config.op_types, config.exclude)
     if not found.weights:
         raise NoPrunableLayersError(_no_layers_message(found))
@@ -206,6 +208,10 @@ def prepare(
     protos = tensor_protos(proto)
     base_dir = model_path.parent if model_path is not None else None
     weights = {w.name: read_weight(w, protos, base_dir) for w in found.weights}
+    for w in found.weights:
+        if not np.isfinite(weights[w.name]).all():
+            bad = int(np.count_nonzero(~np.isfinite(weights[w.name])))
+            raise ModelError(f"weight {w.stored_name!r} holds {bad} NaN/inf value(s); the model is broken")
     timings = {"load": time.perf_counter() - t0}
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
@@ -228,7 +234,11 @@ def prepare(
         stats, samples = {}, 0
         feed = next(data.batches(config.batch_size))
         session, provider = make_session(proto, config.provider, base_dir=base_dir)
-        reference = dict(zip([o.name for o in session.get_outputs()], session.run(None, feed), strict=True))
+        try:
+            outputs = session.run(None, feed)
+        except Exception as exc:
+            raise CalibrationError(f"ONNX Runtime failed on calibration batch 0: {run_error(exc)}") from None
+        reference = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
     return Prepared(
         model,
         proto,

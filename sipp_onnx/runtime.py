@@ -103,12 +103,13 @@ def make_session(
     else:
         if base_dir is not None:
             options.add_session_config_entry(_EXTERNAL_FOLDER, str(Path(base_dir).resolve()))
+        bfloat16 = _has_bfloat16(model)
         with _unique_node_names(model):
             if model.ByteSize() <= TWO_GB:
-                session = _session(model.SerializeToString(), options, providers)
+                session = _session(model.SerializeToString(), options, providers, bfloat16)
             else:
                 with _handed_over(model, options):
-                    session = _session(model.SerializeToString(), options, providers)
+                    session = _session(model.SerializeToString(), options, providers, bfloat16)
     used = _PROVIDER_NAMES.get(session.get_providers()[0], session.get_providers()[0])
     if provider is Provider.CUDA and used != "cuda":
         raise ProviderError("--provider cuda: a CUDA session could not be created (no usable GPU?)")
@@ -120,18 +121,29 @@ def make_session(
 _EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
-def _session(source: str | bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+def _session(
+    source: str | bytes, options: ort.SessionOptions, providers: list[str], bfloat16: bool = False
+) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:
-        raise ModelError(f"ONNX Runtime cannot load the model: {_explain(_ort_message(exc))}") from None
+        message = _explain(_ort_message(exc), bfloat16)
+        raise ModelError(f"ONNX Runtime cannot load the model: {message}") from None
+
+
+def _has_bfloat16(model: onnx.ModelProto) -> bool:
+    graph = model.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    return any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer) or any(
+        v.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for v in values
+    )
 
 
 _NO_KERNEL = re.compile(r"Could not find an implementation for (\w+)\((\d+)\) node with name '([^']*)'")
 _UNKNOWN_OP = re.compile(r"([\w.]*):(\w+)\(-?\d+\) is not a registered function/op")
 
 
-def _explain(message: str) -> str:
+def _explain(message: str, bfloat16: bool) -> str:
     """ORT's load errors for ops it cannot run, said in the user's terms."""
     if match := _UNKNOWN_OP.search(message):
         domain, op = match.group(1) or "ai.onnx", match.group(2)
@@ -141,9 +153,9 @@ def _explain(message: str) -> str:
         )
     if match := _NO_KERNEL.search(message):
         op, version, node = match.groups()
+        hint = " (the CPU provider has few bfloat16 kernels: try --provider cuda)" if bfloat16 else ""
         return (
-            f"ONNX Runtime has no kernel for {op} (opset {version}) node {node!r} with these input types "
-            "on this provider (bfloat16 and some float16 ops run only with --provider cuda)"
+            f"ONNX Runtime has no kernel for {op} (opset {version}) node {node!r} for its input types{hint}"
         )
     return message
 

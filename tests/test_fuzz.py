@@ -10,18 +10,14 @@ onnx API (nodes removed, dims/dtypes changed, inputs dropped, outputs renamed, .
 stays valid), and the calibration data mutated (dtype, shape, NaN/inf/huge values, dropped or
 renamed keys, empty or object arrays), each with a cheap configuration.
 
-`derandomize=True`: every run tries the same examples, so CI is reproducible. Bugs that were
-found here and need a fix outside these tests' reach are listed in KNOWN_BUGS, each with a strict
-xfail test at the end that reproduces it; the fuzz tests skip over their signature so that they
-keep covering everything else. When a fix lands, its xfail test passes (and fails as XPASS):
-delete the xfail mark and its KNOWN_BUGS entry.
+`derandomize=True`: every run tries the same examples, so CI is reproducible. The bugs it found
+are fixed; each has a direct test at the end.
 """
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,7 +28,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from sipp_onnx import PruneConfig, SippError, prune_model
+from sipp_onnx import CalibrationError, ModelError, PruneConfig, SippError, prune_model
 
 try:  # tests/ as a plain directory (rootdir-prepend import mode) or as a package
     import builders
@@ -77,31 +73,6 @@ def config_strategy() -> st.SearchStrategy[PruneConfig]:
     )
 
 
-# ----------------------------------------------------------------------------- known bugs
-
-
-def _frames(exc: BaseException) -> list[tuple[str, str]]:
-    return [(Path(f.filename).name, f.name) for f in traceback.extract_tb(exc.__traceback__)]
-
-
-KNOWN_BUGS: dict[str, Callable[[BaseException], bool]] = {
-    # test_known_bug_reference_run_unguarded
-    "pipeline.prepare: raw ONNX Runtime error when the original model is run without statistics": (
-        lambda exc: (
-            type(exc).__module__.startswith("onnxruntime") and ("pipeline.py", "prepare") in _frames(exc)
-        )
-    ),
-    # test_known_bug_non_finite_weight
-    "refit: LinAlgError on a weight holding NaN/inf": (
-        lambda exc: isinstance(exc, np.linalg.LinAlgError) and any(f == "refit.py" for f, _ in _frames(exc))
-    ),
-}
-
-
-def known_bug(exc: BaseException) -> str | None:
-    return next((name for name, match in KNOWN_BUGS.items() if match(exc)), None)
-
-
 # ----------------------------------------------------------------------------- the property
 
 
@@ -117,7 +88,7 @@ def digests(paths: list[Path]) -> dict[Path, str]:
 def check_prune(
     model: Path, calibration: Path | Mapping[str, np.ndarray], config: PruneConfig, outdir: Path
 ) -> str:
-    """Run the property on one input; returns 'pruned', 'refused' or the known bug's name."""
+    """Run the property on one input; returns 'pruned' or 'refused'."""
     inputs = [model] + ([calibration] if isinstance(calibration, Path) else [])
     before = digests(inputs)
     out = outdir / "pruned.onnx"
@@ -129,11 +100,6 @@ def check_prune(
         assert message and "\n" not in message, repr(message)
         assert not any(outdir.iterdir()), f"refused, but left {sorted(outdir.iterdir())}"
         outcome = "refused"
-    except Exception as exc:
-        bug = known_bug(exc)
-        if bug is None:
-            raise
-        outcome = bug
     else:
         onnx.checker.check_model(onnx.load(str(out)))
         outcome = "pruned"
@@ -462,24 +428,12 @@ def test_fuzz_calibration(sample: tuple[str, dict[str, np.ndarray]], how: str, c
 # ----------------------------------------------------------------------------- the bugs found
 
 
-def _raises_only_sipp_errors(model, calibration, config: PruneConfig | None = None):
-    try:
-        with np.errstate(all="ignore"):
-            return prune_model(model, calibration, config)
-    except SippError:
-        return None
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exception,
-    reason="pipeline.prepare runs the original model with a bare session.run when nothing is "
-    "measured (magnitude with --refit none, or sparsity 0): an ONNX Runtime failure there escapes "
-    "raw (InvalidArgument for a model without graph outputs, Fail for a Conv whose group does not "
-    "match its weight) instead of ModelError; the capture pass wraps the same failures",
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [("no-graph-outputs", "no graph outputs"), ("conv-group-mismatch", "ONNX Runtime")],
 )
-@pytest.mark.parametrize("case", ["no-graph-outputs", "conv-group-mismatch"])
-def test_known_bug_reference_run_unguarded(case: str) -> None:
+def test_original_model_failing_without_statistics_is_a_sipp_error(case: str, message: str) -> None:
+    """Magnitude with no refit runs the original model once, outside the calibration pass."""
     if case == "no-graph-outputs":
         model = builders.mlp()
         del model.graph.output[:]
@@ -489,39 +443,21 @@ def test_known_bug_reference_run_unguarded(case: str) -> None:
         gconv = next(n for n in model.graph.node if n.name == "gconv")
         next(a for a in gconv.attribute if a.name == "group").i = 1
         x = builders.gaussian_calibration((3, 8, 8), n=N_CALIB)
-    _raises_only_sipp_errors(model, {"x": x}, PruneConfig(method="magnitude", refit="none"))
+    with pytest.raises(SippError, match=message):
+        prune_model(model, {"x": x}, PruneConfig(method="magnitude", refit="none"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=np.linalg.LinAlgError,
-    reason="a prunable weight holding NaN (or inf) reaches refit.solve_exact, whose "
-    "np.linalg.solve raises LinAlgError('Singular matrix') with the default options (sipp-det, "
-    "refit obs); expected: ModelError naming the weight (or a finite result)",
-)
-def test_known_bug_non_finite_weight() -> None:
+def test_non_finite_weight_is_a_model_error() -> None:
     model = builders.mlp()
     w1 = next(t for t in model.graph.initializer if t.name == "W1")
     values = numpy_helper.to_array(w1).copy()
     values[0, 0] = np.nan
     w1.CopyFrom(numpy_helper.from_array(values, "W1"))
-    _raises_only_sipp_errors(model, {"x": builders.gaussian_calibration((20,), n=16)})
+    with pytest.raises(ModelError, match="'W1' holds 1 NaN/inf"):
+        prune_model(model, {"x": builders.gaussian_calibration((20,), n=16)})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="calibration values near the float32 limit pass validation, but the original model "
-    "overflows on them (its outputs are inf/NaN); nothing checks that, so the statistics turn "
-    "NaN and the bias refit writes NaN/inf into 'fc_b' of the pruned model, which is saved "
-    "without an error (the verification line reports a NaN error). Expected: a SippError saying "
-    "the model's outputs are not finite on the calibration data (pipeline/capture)",
-)
-def test_known_bug_huge_calibration_gives_non_finite_weights() -> None:
+def test_calibration_that_overflows_the_model_is_a_calibration_error() -> None:
     x = np.full((8, 3, 8, 8), -1e38, np.float32)
-    result = _raises_only_sipp_errors(builders.convnet(), {"x": x}, PruneConfig())
-    if result is not None:
-        bad = [
-            t.name for t in result.model.graph.initializer if not np.isfinite(numpy_helper.to_array(t)).all()
-        ]
-        assert not bad, f"non-finite tensors in the pruned model: {bad}"
+    with np.errstate(all="ignore"), pytest.raises(CalibrationError, match="holds NaN/inf"):
+        prune_model(builders.convnet(), {"x": x}, PruneConfig())

@@ -480,12 +480,6 @@ def test_full_disk_real(tmp_path: Path, tmpfs, cli) -> None:
     assert listing(env.outdir) == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="modelio.save_model_atomic calls tempfile.mkdtemp outside its try: an OSError from "
-    "creating the staging directory (ENOSPC, EACCES, EROFS) escapes as a raw OSError, not OutputError",
-)
 def test_full_disk_no_inode_left_real(tmp_path: Path, tmpfs) -> None:
     """A tmpfs without a free inode: even the staging directory cannot be created."""
     env = make_env(tmp_path)
@@ -581,12 +575,6 @@ def test_full_disk_simulated_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert_clean_failure(result.exit_code, result.stderr, "no space left on device", env, before, digest)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OSError,
-    reason="modelio.save_model_atomic calls tempfile.mkdtemp outside its try: an OSError from "
-    "creating the staging directory escapes as a raw OSError (CLI: a traceback), not OutputError",
-)
 def test_staging_directory_cannot_be_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The directory passed the up-front check, then a full disk (or a permission change)
     refuses the staging directory; as a real disk does in test_full_disk_no_inode_left_real."""
@@ -635,13 +623,6 @@ def test_interrupt_while_writing_report_leaves_no_model(
     assert not (reports / "r.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="modelio.write_text_atomic removes its temporary file on OSError only: an interrupt "
-    "(KeyboardInterrupt, or SIGTERM through the CLI) while the report is written leaves "
-    "'.r.json.XXXXXXXX' beside the report",
-)
 def test_interrupt_while_writing_report_leaves_no_temporary_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli
 ) -> None:
@@ -875,13 +856,6 @@ def bfloat16_bias() -> onnx.ModelProto:
     return model
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="discover.discover calls onnx_graphsurgeon.import_onnx, whose logger prints '[W] colored "
-    "module is not installed ...' and '[W] Could not convert: BFLOAT16 ...' on stdout for any "
-    "bfloat16 tensor: `inspect --json` is no longer JSON and `prune -q` is not quiet",
-)
 def test_stdout_holds_only_our_output_with_a_bfloat16_tensor(tmp_path: Path) -> None:
     env = make_env(tmp_path, bfloat16_bias())
 
