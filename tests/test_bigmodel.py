@@ -204,3 +204,23 @@ def test_failed_write_restores_the_model_and_leaves_nothing(tmp_path: Path, monk
         modelio.save_model_atomic(model, tmp_path / "o.onnx", frozenset({"W1", "W2"}))
     assert model.SerializeToString() == snapshot
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_and_evaluate_on_an_external_data_model(tmp_path: Path):
+    """The sweep keeps the external tensors on disk: its reference and every pruned model read
+    them from the input's directory."""
+    from sipp_onnx.config import Method, Refit
+    from sipp_onnx.evaluate import evaluate
+    from sipp_onnx.sweep import Variant, sweep
+
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    plain = tmp_path / "plain.onnx"
+    onnx.save_model(convnet(), str(plain))
+    x = gaussian_calibration((3, 8, 8), n=12)
+    ev = {"x": gaussian_calibration((3, 8, 8), n=20, seed=4)}
+    variants = [Variant(Method.SIPP_DET, Refit.OBS), Variant(Method.MAGNITUDE, Refit.NONE)]
+    got = sweep(src, {"x": x}, ev, variants, [0.5, 0.8])
+    want = sweep(plain, {"x": x}, ev, variants, [0.5, 0.8])
+    assert [p.metric for p in got.points] == pytest.approx([p.metric for p in want.points])
+    report = evaluate(src, ev, compare=plain)
+    assert report.compare is not None and report.compare.cosine == pytest.approx(1.0)
