@@ -271,6 +271,17 @@ def shift_bias(
     return name
 
 
+def over_2gb(model: onnx.ModelProto) -> bool:
+    """Whether `model` is too big to serialize as one protobuf.
+
+    The upb protobuf runtime raises (EncodeError) from `ByteSize()` over 2 GB instead of
+    returning the size, so that is read as 'over' too."""
+    try:
+        return model.ByteSize() > TWO_GB
+    except Exception:
+        return True
+
+
 def external_data_name(output: Path) -> str:
     """File name of the external data written beside `output`."""
     return output.name + ".data"
@@ -433,7 +444,7 @@ def save_model_atomic(
     """
     output = Path(output)
     parent = output.parent if str(output.parent) else Path(".")
-    big = model.ByteSize() > TWO_GB
+    big = over_2gb(model)
     if big and not external_tensors:
         log.warning("model is over 2 GB: writing its weights as external data")
 

@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .config import Provider
 from .errors import ModelError, ProviderError
-from .modelio import TWO_GB, np_dtype
+from .modelio import np_dtype, over_2gb
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def make_session(
             options.add_session_config_entry(_EXTERNAL_FOLDER, str(Path(base_dir).resolve()))
         bfloat16 = _has_bfloat16(model)
         with _unique_node_names(model):
-            if model.ByteSize() <= TWO_GB:
+            if not over_2gb(model):
                 session = _session(model.SerializeToString(), options, providers, bfloat16)
             else:
                 with _handed_over(model, options):

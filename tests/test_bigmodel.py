@@ -116,7 +116,17 @@ def test_untouched_external_tensors_are_never_loaded(tmp_path: Path, monkeypatch
 def two_gb_is_small(monkeypatch):
     """Make every model 'over 2 GB', so the big-model branches run on tiny models."""
     monkeypatch.setattr(modelio, "TWO_GB", 512)
-    monkeypatch.setattr(runtime, "TWO_GB", 512)
+
+
+def test_a_size_protobuf_cannot_compute_reads_as_over_2gb():
+    """upb's ByteSize() raises EncodeError over 2 GB instead of returning the size."""
+
+    class Huge:
+        def ByteSize(self) -> int:
+            raise ValueError("Failed to serialize proto")
+
+    assert modelio.over_2gb(Huge())  # type: ignore[arg-type]
+    assert not modelio.over_2gb(mlp())
 
 
 def test_in_memory_model_over_the_limit_is_written_with_external_data(tmp_path: Path, two_gb_is_small):
