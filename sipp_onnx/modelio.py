@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import BinaryIO
 
@@ -271,6 +272,11 @@ def shift_bias(
     return name
 
 
+def tensor_nbytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's data size from its dims and type, without touching (or copying) the data."""
+    return prod(tensor.dims) * np_dtype(tensor.data_type).itemsize
+
+
 def over_2gb(model: onnx.ModelProto) -> bool:
     """Whether `model` is too big to serialize as one protobuf.
 
@@ -444,12 +450,16 @@ def save_model_atomic(
     """
     output = Path(output)
     parent = output.parent if str(output.parent) else Path(".")
-    big = over_2gb(model)
+    # Sizing the protobuf encodes it: asked only when the in-memory tensors come near 2 GB.
+    loose = sum(
+        tensor_nbytes(t) for t in all_tensors(model) if not external_data_helper.uses_external_data(t)
+    )
+    big = loose > TWO_GB // 2 and over_2gb(model)
     if big and not external_tensors:
         log.warning("model is over 2 GB: writing its weights as external data")
 
     def choose(tensor: onnx.TensorProto) -> bool:
-        return tensor.name in external_tensors or (big and tensor.ByteSize() >= 1024)
+        return tensor.name in external_tensors or (big and tensor_nbytes(tensor) >= 1024)
 
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))

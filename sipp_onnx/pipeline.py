@@ -85,6 +85,8 @@ def _accumulator(
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
     """Element-wise max of a statistic over a weight's uses, in the primary use's rows."""
+    if len(weight.layers) == 1:  # already in the primary use's rows: no copy
+        return np.asarray(getattr(stats[weight.primary.node], attr))
     merged: np.ndarray | None = None
     for layer in weight.layers:
         # Kept in the accumulator's dtype: float32 sensitivities as float64 would be 8 bytes per
@@ -323,7 +325,9 @@ def apply(
     for i, w in enumerate(found.weights):
         score, sel = scores[i], selected[i]
         layer_reports.append(_layer_report(w, score, sel, refits[i], config))
-        if not np.array_equal(sel.rows, score.rows):  # untouched tensors keep their bytes
+        counted = layer_reports[-1]
+        changed = counted.kept != counted.nonzero_before or not np.array_equal(sel.rows, score.rows)
+        if changed:  # untouched tensors keep their bytes
             write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
         if not copy_model:  # the prepared model is used up: hold each weight once, in `proto`
             del score, sel

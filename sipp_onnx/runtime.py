@@ -22,7 +22,7 @@ import onnxruntime as ort
 
 from .config import Provider
 from .errors import ModelError, ProviderError
-from .modelio import np_dtype, over_2gb
+from .modelio import np_dtype, over_2gb, tensor_nbytes
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ def _handed_over(model: onnx.ModelProto, options: ort.SessionOptions) -> Iterato
     values: list[ort.OrtValue] = []
     try:
         for tensor in model.graph.initializer:
-            if not tensor.HasField("raw_data") or tensor.ByteSize() < 1024:
+            if not tensor.HasField("raw_data") or tensor_nbytes(tensor) < 1024:
                 continue
             dtype = np_dtype(tensor.data_type)
             if dtype.kind not in "fiub":  # bfloat16 and float8 (kind V) stay in the protobuf

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -96,45 +97,63 @@ def _global_top(
     narrow: bool = False,
 ) -> list[np.ndarray]:
     """Masks keeping the `keep` largest keys over all weights (ties: larger |w| first, then the
-    earlier position in the weights' order). Zero weights are never kept.
+    earlier position: weight by weight, each in its memory order, which is the stored tensor's
+    order for the row views of `layers.to_rows`). Zero weights are never kept.
 
-    `key_of(i)` gives weight i's non-negative keys; it is called a few times per weight instead of
-    concatenating every key (the concatenation, its float64 copy and a partition of it cost 30
-    bytes per parameter: 19 GB at 625 M). The threshold is found by a radix select on the keys'
-    bit patterns (monotone for non-negative floats), 16 bits per pass over the weights: float64
-    keys, or float32 ones with `narrow` (exact when every key is float32: half the passes).
-    `floors[i]`: weight i keeps at least its own top `floors[i]` entries whatever the global
-    threshold says (one threshold alone can wipe out a layer whose scores are uniformly small).
+    `key_of(i)` gives weight i's non-negative keys, in weight i's layout; it is called a few
+    times per weight instead of concatenating every key (the concatenation, its float64 copy and
+    a partition of it cost 30 bytes per parameter: 19 GB at 625 M). The threshold is found by a
+    radix select on the keys' bit patterns (monotone for non-negative floats), 16 bits per pass
+    over the weights: float64 keys, or float32 ones with `narrow` (exact when every key is
+    float32: half the passes). Arrays are walked in memory order, so a transposed view is
+    never copied. `floors[i]`: weight i keeps at least its own top `floors[i]` entries whatever
+    the global threshold says (one threshold alone can wipe out a layer whose scores are
+    uniformly small).
     """
+    orders = [_memory_order(w) for w in weights]
+
+    def flat(x: np.ndarray, i: int) -> np.ndarray:
+        return x.reshape((-1,), order=orders[i])
+
     live = [int(np.count_nonzero(w)) for w in weights]
     keep = min(keep, sum(live))
-    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
+    masks = [np.zeros(w.shape, dtype=bool, order=o) for w, o in zip(weights, orders, strict=True)]
     if keep <= 0:
         return masks
     for i, floor in enumerate(floors or ()):
         take = min(floor, live[i], keep)
         if take > 0:
-            key = _live_key(key_of(i), weights[i], np.float64).ravel()
-            masks[i] = _top(key, np.abs(weights[i]).ravel(), take).reshape(weights[i].shape)
+            key = flat(_live_key(key_of(i), weights[i], np.float64), i)
+            flat(masks[i], i)[:] = _top(key, np.abs(flat(weights[i], i)), take)
     need = keep - sum(int(m.sum()) for m in masks)
     if need <= 0:  # the floors alone fill the budget: the reserved entries tie at the top
-        return _first_by_magnitude(weights, masks, keep)
+        reserved = [(i, np.flatnonzero(flat(m, i))) for i, m in enumerate(masks)]
+        masks = [np.zeros_like(m) for m in masks]
+        _take_ties(
+            [flat(m, i) for i, m in enumerate(masks)],
+            [flat(w, i) for i, w in enumerate(weights)],
+            reserved,
+            keep,
+        )
+        return masks
 
     ftype, utype = (np.float32, np.uint32) if narrow else (np.float64, np.uint64)
     width = 32 if narrow else 64
 
     def candidates(i: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Weight i's keys as bits, and which entries compete for the threshold (None: all)."""
+        """Weight i's keys as flat bits, and which entries compete for the threshold (None: all)."""
         key = np.add(key_of(i), ftype(0.0), dtype=ftype)  # -0.0 -> +0.0: bit order is value order
-        compete = (weights[i] != 0) & ~masks[i]
-        return key.view(utype), None if compete.all() else compete
+        compete = flat(weights[i], i) != 0
+        if floors:
+            compete &= ~flat(masks[i], i)
+        return flat(key, i).view(utype), None if compete.all() else compete
 
     prefix, remaining = 0, need
     for shift in range(width - 16, -1, -16):
         counts = np.zeros(1 << 16, dtype=np.int64)
         for i in range(len(weights)):
             bits, compete = candidates(i)
-            chosen = bits.ravel() if compete is None else bits[compete]
+            chosen = bits if compete is None else bits[compete]
             if shift < width - 16:
                 chosen = chosen[(chosen >> utype(shift + 16)) == utype(prefix)]
             digits = chosen >> utype(shift)
@@ -146,17 +165,27 @@ def _global_top(
         remaining -= int(from_top[j - 1]) if j > 0 else 0
         prefix = (prefix << 16) | (0xFFFF - j)
     threshold = utype(prefix)
-    tied: list[tuple[int, np.ndarray, np.ndarray]] = []
+    tied: list[tuple[int, np.ndarray]] = []
     for i in range(len(weights)):
         bits, compete = candidates(i)
-        if compete is None:
-            masks[i] |= bits > threshold
-            tied.append((i, np.flatnonzero(bits == threshold), np.abs(weights[i]).ravel()))
-        else:
-            masks[i] |= compete & (bits > threshold)
-            tied.append((i, np.flatnonzero(compete & (bits == threshold)), np.abs(weights[i]).ravel()))
-    _take_ties(masks, tied, remaining)
+        above, equal = bits > threshold, bits == threshold
+        if compete is not None:
+            above &= compete
+            equal &= compete
+        flat(masks[i], i)[:] |= above
+        tied.append((i, np.flatnonzero(equal)))
+    _take_ties(
+        [flat(m, i) for i, m in enumerate(masks)],
+        [flat(w, i) for i, w in enumerate(weights)],
+        tied,
+        remaining,
+    )
     return masks
+
+
+def _memory_order(array: np.ndarray) -> Literal["C", "F"]:
+    """'F' for a Fortran-ordered array (a transposed view), else 'C'."""
+    return "F" if array.flags.f_contiguous and not array.flags.c_contiguous else "C"
 
 
 def _live_key(key: np.ndarray, weight: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
@@ -166,30 +195,19 @@ def _live_key(key: np.ndarray, weight: np.ndarray, dtype: type[np.floating]) -> 
     return out
 
 
-def _take_ties(masks: list[np.ndarray], tied: list[tuple[int, np.ndarray, np.ndarray]], count: int) -> None:
-    """Keep `count` of the tied entries (weight i, flat positions, |w|): larger |w| first, then
-    earlier position in the weights' order."""
+def _take_ties(
+    masks: list[np.ndarray], weights: list[np.ndarray], tied: list[tuple[int, np.ndarray]], count: int
+) -> None:
+    """Set `count` of the tied entries (weight i, flat positions) in the flat `masks`: larger |w|
+    first, then the earlier position."""
     if count <= 0:
         return
-    which = np.concatenate([np.full(pos.size, i) for i, pos, _ in tied])
-    where = np.concatenate([pos for _, pos, _ in tied])
-    magnitude = np.concatenate([absw[pos] for _, pos, absw in tied])
+    which = np.concatenate([np.full(pos.size, i) for i, pos in tied])
+    where = np.concatenate([pos for _, pos in tied])
+    magnitude = np.concatenate([np.abs(weights[i][pos]) for i, pos in tied])
     order = np.lexsort((where, which, -magnitude))[:count]
     for i in np.unique(which[order]):
-        masks[i].reshape(-1)[where[order][which[order] == i]] = True
-
-
-def _first_by_magnitude(
-    weights: Sequence[np.ndarray], reserved: list[np.ndarray], keep: int
-) -> list[np.ndarray]:
-    """`keep` of the reserved entries, by the tie rule, when they are all the budget allows."""
-    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
-    tied = [
-        (i, np.flatnonzero(r), np.abs(w).ravel())
-        for i, (w, r) in enumerate(zip(weights, reserved, strict=True))
-    ]
-    _take_ties(masks, tied, keep)
-    return masks
+        masks[i][where[order][which[order] == i]] = True
 
 
 def select_global(
@@ -218,7 +236,7 @@ def select_global(
     masks = _global_top(key_of, rows, keep, floors, narrow)
     return [
         SelectedWeight(
-            np.where(m, w.rows, 0).astype(w.rows.dtype),
+            np.where(m, w.rows, 0).astype(w.rows.dtype, copy=False),
             int(np.count_nonzero(m & (w.rows != 0))),
             _det_bound(w.sensitivity, w.rows, m),
         )
@@ -299,7 +317,7 @@ def select_wanda(weights: Sequence[WeightScores], keep: int) -> list[SelectedWei
         mask &= w.rows != 0
         results.append(
             SelectedWeight(
-                np.where(mask, w.rows, 0).astype(w.rows.dtype),
+                np.where(mask, w.rows, 0).astype(w.rows.dtype, copy=False),
                 int(mask.sum()),
                 _det_bound(w.sensitivity, w.rows, mask),
             )

@@ -190,7 +190,8 @@ def _slow_global_top(keys, weights, keep, floors=None):
     entries = []
     position = 0
     for i, (key, w) in enumerate(zip(keys, weights, strict=True)):
-        for j, (k, v) in enumerate(zip(key.ravel(), w.ravel(), strict=True)):
+        order = "F" if w.flags.f_contiguous and not w.flags.c_contiguous else "C"  # memory order
+        for j, (k, v) in enumerate(zip(key.ravel(order), w.ravel(order), strict=True)):
             if v != 0:
                 entries.append((i, j, float(k), abs(float(v)), position + j))
         position += w.size
@@ -208,9 +209,9 @@ def _slow_global_top(keys, weights, keep, floors=None):
             e[4],
         ),
     )
-    masks = [np.zeros(w.shape, dtype=bool) for w in weights]
+    masks = [np.zeros(w.shape, dtype=bool, order="F" if w.flags.f_contiguous else "C") for w in weights]
     for i, j, *_ in order[:keep]:
-        masks[i].reshape(-1)[j] = True
+        masks[i].reshape(-1, order="F" if masks[i].flags.f_contiguous else "C")[j] = True
     return masks
 
 
@@ -218,7 +219,8 @@ def _slow_global_top(keys, weights, keep, floors=None):
 @pytest.mark.parametrize("floors", [None, "some", "all"])
 def test_global_top_equals_one_sorted_list(seed, floors):
     """The radix select over the weights (no concatenation) against a plain sort, with ties in
-    keys and magnitudes, zero weights, -0.0 keys, and floors that fill part or all of the budget."""
+    keys and magnitudes, zero weights, -0.0 keys, a transposed view, and floors that fill part or
+    all of the budget."""
     from sipp_onnx.select import _global_top
 
     rng = np.random.default_rng(seed)
@@ -226,6 +228,8 @@ def test_global_top_equals_one_sorted_list(seed, floors):
     weights = [rng.choice([-2.0, -1.0, 0.0, 0.5, 1.0, 3.0], size=s).astype(np.float32) for s in shapes]
     keys = [rng.choice([0.0, -0.0, 0.25, 0.5, 1e-30, 7.0, 1e300], size=s) for s in shapes]
     keys[1] = rng.random(shapes[1]).astype(np.float32)  # float32 keys are widened exactly
+    # A transposed view (a MatMul's rows): ties go by its memory order, the stored tensor's.
+    weights[3], keys[3] = weights[3].T.copy().T, keys[3].T.copy().T
     with np.errstate(over="ignore"):
         narrow = [k.astype(np.float32) for k in keys]  # 1e300 -> inf, 1e-30 stays: still ordered
     total = sum(w.size for w in weights)
