@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench-quality bench-speed clean
+.PHONY: demo test lint bench-quality bench-speed bench-big clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench-quality: $(BIN)/.bench
 bench-speed: $(BIN)/.bench
 	$(BIN)/python tools/fetch_benchmark_models.py
 	$(BIN)/python tools/bench_speed.py --peer
+
+# The big-model benchmark (CPU): builds a 2.5 GB model with external data into bench_results/big/
+# once, then times plain inference and the prune of each method, with their peak memory.
+bench-big: $(BIN)/.installed
+	$(BIN)/python tools/bench_big_model.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check sipp_onnx tests tools

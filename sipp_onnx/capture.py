@@ -47,6 +47,8 @@ class CaptureResult:
     """Time spent inside ONNX Runtime."""
     stats_seconds: float
     """Time spent in the accumulators."""
+    session_seconds: float = 0.0
+    """Time ONNX Runtime took to load the capture model."""
 
 
 def capture(
@@ -69,11 +71,13 @@ def capture(
     outputs = [o.name for o in model.graph.output]
     wanted = [name for name in accumulators if name not in graph_inputs]
     added = add_outputs(model, wanted)
+    t_session = time.perf_counter()
     try:
         session, used = make_session(model, provider, optimize=False, base_dir=base_dir)
     finally:
         if added:
             del model.graph.output[-added:]
+    session_s = time.perf_counter() - t_session
     fetch = list(dict.fromkeys(outputs + wanted))
     total = data.n_batches(batch_size)
     first_feed: dict[str, np.ndarray] = {}
@@ -108,4 +112,4 @@ def capture(
         samples += next(iter(feed.values())).shape[0]
         if progress is not None:
             progress("capture", index + 1, total)
-    return CaptureResult(used, samples, total, first_feed, first_outputs, run_s, stats_s)
+    return CaptureResult(used, samples, total, first_feed, first_outputs, run_s, stats_s, session_s)

@@ -223,6 +223,7 @@ def prepare(
         stats, captured = _calibrate(
             proto, found, weights, data, config, progress, want_sens, want_gram, mask_input, base_dir
         )
+        timings["session"] = captured.session_seconds
         timings["capture"] = captured.run_seconds
         timings["sensitivity"] = captured.stats_seconds
         feed, reference, provider, samples = (
@@ -235,7 +236,9 @@ def prepare(
         want_sens = want_gram = False
         stats, samples = {}, 0
         feed = next(data.batches(config.batch_size))
+        t_session = time.perf_counter()
         session, provider = make_session(proto, config.provider, base_dir=base_dir)
+        timings["session"] = time.perf_counter() - t_session
         try:
             outputs = session.run(None, feed)
         except Exception as exc:
@@ -354,7 +357,7 @@ def apply(
     timings["save"] = time.perf_counter() - t2
     if progress is not None:
         progress("save", 1, 1)
-    timings["total"] = timings["load"] + timings.get("capture", 0.0) + timings.get("sensitivity", 0.0)
+    timings["total"] = sum(timings.get(stage, 0.0) for stage in ("load", "session", "capture", "sensitivity"))
     timings["total"] += time.perf_counter() - t0
 
     report = _report(
