@@ -356,6 +356,7 @@ def relocated(
     """
     location = data_file.name
     moved: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
+    count = 0
     try:
         with open(data_file, "wb") as out:
             for tensor in all_tensors(model):
@@ -372,21 +373,23 @@ def relocated(
                         )
                     _copy_range(tensor, base_dir, out)
                     previous = [(entry.key, entry.value) for entry in tensor.external_data]
-                    moved.append((tensor, None, previous))
+                    if restore:
+                        moved.append((tensor, None, previous))
                 else:
                     data = tensor.raw_data
                     out.write(data)
-                    moved.append((tensor, data, []))
+                    if restore:  # else the bytes are freed now, tensor by tensor
+                        moved.append((tensor, data, []))
+                    del data
                     tensor.ClearField("raw_data")
+                count += 1
                 _point_at(
                     tensor,
                     [("location", location), ("offset", str(offset)), ("length", str(out.tell() - offset))],
                 )
-        if not moved:
+        if not count:
             data_file.unlink()
-        yield len(moved)
-        if not restore:
-            moved.clear()
+        yield count
     finally:
         for tensor, kept, previous in reversed(moved):
             if kept is None:
@@ -452,7 +455,9 @@ def save_model_atomic(
     parent = output.parent if str(output.parent) else Path(".")
     # Sizing the protobuf encodes it: asked only when the in-memory tensors come near 2 GB.
     loose = sum(
-        tensor_nbytes(t) for t in all_tensors(model) if not external_data_helper.uses_external_data(t)
+        tensor_nbytes(t)
+        for t in all_tensors(model)
+        if t.name not in external_tensors and not external_data_helper.uses_external_data(t)
     )
     big = loose > TWO_GB // 2 and over_2gb(model)
     if big and not external_tensors:
