@@ -213,16 +213,31 @@ def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:
-    """A tensor's values; an external tensor is read from its file under `base_dir`, alone."""
-    if external_data_helper.uses_external_data(tensor):
+    """A tensor's values; an external tensor is read from its file under `base_dir`, alone.
+
+    The bytes are read here, not by onnx: onnx before 1.18 stored them into the tensor, and
+    a protobuf keeps every byte it was given until the whole model is freed."""
+    try:
+        if not external_data_helper.uses_external_data(tensor):
+            return numpy_helper.to_array(tensor)
         if base_dir is None:
             raise ModelError(
                 f"tensor {tensor.name!r} is stored as external data, and no model directory was given"
             )
         location, offset, length = _external_info(tensor)
-        _external_file(Path(base_dir), location, tensor.name)
-    try:
-        return numpy_helper.to_array(tensor, str(base_dir or ""))
+        path = _external_file(Path(base_dir), location, tensor.name)
+        dtype = np_dtype(tensor.data_type)
+        count = prod(tensor.dims)
+        if dtype.kind not in "biufV" or (length is not None and length != count * dtype.itemsize):
+            detached = onnx.TensorProto()  # packed or odd types: onnx's reader, on a copy
+            detached.CopyFrom(tensor)
+            return numpy_helper.to_array(detached, str(base_dir))
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            values = np.fromfile(handle, dtype=dtype.newbyteorder("<"), count=count)
+        if values.size != count:
+            raise ModelError(f"external data of tensor {tensor.name!r} in {str(path)!r} is truncated")
+        return values.astype(dtype, copy=False).reshape(tuple(tensor.dims))
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot read tensor {tensor.name!r}: {_first_line(exc)}") from None
 
@@ -345,6 +360,7 @@ def relocated(
     base_dir: Path | None = None,
     copy_external: bool = True,
     restore: bool = True,
+    staged: frozenset[str] = frozenset(),
 ) -> Iterator[int]:
     """Store the chosen in-memory tensors in `data_file` while the block runs, then put them back.
 
@@ -352,14 +368,18 @@ def relocated(
     copied: serializing the model inside the block writes only the graph, and the caller's
     model is unchanged afterwards (unless `restore` is False: the tensors then stay in the
     data file). With `copy_external`, tensors that already live in external files under
-    `base_dir` are copied there too, in chunks. Yields the number of tensors moved.
+    `base_dir` are copied there too, in chunks. Tensors named in `staged` are already in
+    `data_file` (see `StagedOutput`), which is then appended to. Yields the number of tensors
+    in the data file.
     """
     location = data_file.name
     moved: list[tuple[onnx.TensorProto, bytes | None, list[tuple[str, str]]]] = []
-    count = 0
+    count = len(staged)
     try:
-        with open(data_file, "wb") as out:
+        with open(data_file, "ab" if staged else "wb") as out:
             for tensor in all_tensors(model):
+                if tensor.name in staged:
+                    continue
                 external = external_data_helper.uses_external_data(tensor)
                 if external and not copy_external:
                     continue
@@ -429,6 +449,75 @@ def _copy_range(tensor: onnx.TensorProto, base_dir: Path, out: BinaryIO) -> None
         raise ModelError(f"external data {str(path)!r} of tensor {tensor.name!r} has disappeared") from None
 
 
+def _staging_directory(output: Path) -> Path:
+    """A new hidden directory beside `output` (same file system: the final rename is atomic)."""
+    parent = output.parent if str(output.parent) else Path(".")
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write into {str(parent)!r}: {exc.strerror or exc}") from None
+
+
+class StagedOutput:
+    """The output's staging directory and data file, open before the pruned tensors exist.
+
+    `put` writes a tensor's new values straight to the data file and leaves only its metadata
+    in the protobuf: a protobuf keeps every byte it is given until the whole model is freed,
+    so writing a big model's pruned tensors into it would hold them all until the end.
+    `save_model_atomic(..., staged=...)` finishes the file and owns the directory from then;
+    `discard` removes it when the run stops before.
+    """
+
+    def __init__(self, output: Path) -> None:
+        self.output = Path(output)
+        self.tmpdir = _staging_directory(self.output)
+        self.location = external_data_name(self.output)
+        self.names: set[str] = set()
+        try:
+            self._handle: BinaryIO | None = open(self.tmpdir / self.location, "wb")  # noqa: SIM115
+        except OSError as exc:
+            self.discard()
+            raise OutputError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
+
+    def put(self, tensor: onnx.TensorProto, values: np.ndarray) -> None:
+        """Store `values` as the tensor's data (its name, dtype, dims and doc string stay)."""
+        assert self._handle is not None, "put after the output was saved"
+        array = np.ascontiguousarray(values.astype(np_dtype(tensor.data_type), copy=False))
+        if list(array.shape) != list(tensor.dims):
+            raise ValueError(f"{tensor.name}: values of shape {array.shape}, tensor dims {list(tensor.dims)}")
+        offset = self._handle.tell()
+        try:
+            self._handle.write(array.reshape(-1).view(np.uint8).data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {str(self.output)!r}: {exc.strerror or exc}") from None
+        for field in _DATA_FIELDS:
+            tensor.ClearField(field)
+        _point_at(
+            tensor, [("location", self.location), ("offset", str(offset)), ("length", str(array.nbytes))]
+        )
+        self.names.add(tensor.name)
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def discard(self) -> None:
+        self.close()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+_DATA_FIELDS = (
+    "raw_data",
+    "float_data",
+    "int32_data",
+    "string_data",
+    "int64_data",
+    "double_data",
+    "uint64_data",
+)
+
+
 def save_model_atomic(
     model: onnx.ModelProto,
     output: Path,
@@ -436,6 +525,7 @@ def save_model_atomic(
     check: Callable[[Path], None] | None = None,
     base_dir: Path | None = None,
     detach: bool = False,
+    staged: StagedOutput | None = None,
 ) -> list[Path]:
     """Write `model` to `output` (plus `<output>.data` for external tensors), atomically.
 
@@ -445,7 +535,8 @@ def save_model_atomic(
     gets every tensor of 1 KB or more stored there too. `model` is unchanged afterwards, unless
     the caller gives it up with `detach`: the tensors written to the data file then stay there
     (referred to relative to the output's directory), so their bytes are not held in memory
-    again while `check` loads the written model.
+    again while `check` loads the written model. With `staged`, the pruned tensors are already
+    in its data file (and the model is given up too).
     The files are written into a temporary directory in the destination directory (same file
     system, so the final rename is atomic), checked by `onnx.checker` and the optional `check`
     callback (which sees the final file names), then moved into place. Nothing is left behind
@@ -466,27 +557,29 @@ def save_model_atomic(
     def choose(tensor: onnx.TensorProto) -> bool:
         return tensor.name in external_tensors or (big and tensor_nbytes(tensor) >= 1024)
 
+    tmpdir = staged.tmpdir if staged is not None else _staging_directory(output)
     try:
-        tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=parent))
-    except OSError as exc:
-        raise OutputError(f"cannot write into {str(parent)!r}: {exc.strerror or exc}") from None
-    try:
-        staged = tmpdir / output.name
+        model_file = tmpdir / output.name
         data_file = tmpdir / external_data_name(output)
+        ready = frozenset(staged.names) if staged is not None else frozenset()
+        if staged is not None:
+            staged.close()
         try:
-            with relocated(model, data_file, choose, base_dir, restore=not detach):
-                staged.write_bytes(model.SerializeToString())
+            with relocated(
+                model, data_file, choose, base_dir, restore=not detach and not ready, staged=ready
+            ):
+                model_file.write_bytes(model.SerializeToString())
         except OSError as exc:
             raise OutputError(f"cannot write {str(output)!r}: {exc.strerror or exc}") from None
         except ValueError as exc:  # protobuf refuses to serialize over 2 GB
             raise OutputError(f"cannot write {str(output)!r}: {_first_line(exc)}") from None
         written = [output] + ([parent / data_file.name] if data_file.exists() else [])
         try:
-            onnx.checker.check_model(str(staged))
+            onnx.checker.check_model(str(model_file))
         except Exception as exc:
             raise ModelError(f"the pruned model fails onnx.checker: {_first_line(exc)}") from None
         if check is not None:
-            check(staged)
+            check(model_file)
         for target in written:
             _ordinary_permissions(tmpdir / target.name)
         # Data first, so the model file never points at a missing data file.

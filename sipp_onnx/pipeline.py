@@ -24,6 +24,7 @@ from .discover import discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .modelio import (
+    StagedOutput,
     check_external_data,
     check_output_path,
     external_tensor_names,
@@ -324,36 +325,47 @@ def apply(
     t2 = time.perf_counter()
     sipp = config.method.value.startswith("sipp")
     recommended = recommended_samples(list(found.layers), stats) if stats and sipp else None
-    layer_reports = []
-    for i, w in enumerate(found.weights):
-        score, sel = scores[i], selected[i]
-        layer_reports.append(_layer_report(w, score, sel, refits[i], config))
-        counted = layer_reports[-1]
-        changed = counted.kept != counted.nonzero_before or not np.array_equal(sel.rows, score.rows)
-        if changed:  # untouched tensors keep their bytes
-            write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
-        if not copy_model:  # the prepared model is used up: hold each weight once, in `proto`
-            del score, sel
-            scores[i] = selected[i] = None  # type: ignore[call-overload]
-            prepared.weights.pop(w.name, None)
-            for layer in w.layers:
-                stats.pop(layer.node, None)
-    checks: list[OutputCheck] = []
-    provider = prepared.provider
+    # A used-up model with external data writes its pruned tensors straight to the output.
+    staged = StagedOutput(out_path) if out_path is not None and not copy_model and prepared.external else None
+    try:
+        layer_reports = []
+        for i, w in enumerate(found.weights):
+            score, sel = scores[i], selected[i]
+            layer_reports.append(_layer_report(w, score, sel, refits[i], config))
+            counted = layer_reports[-1]
+            changed = counted.kept != counted.nonzero_before or not np.array_equal(sel.rows, score.rows)
+            if changed:  # untouched tensors keep their bytes
+                values = from_rows(sel.rows, w.primary.layout, w.shape)
+                if staged is not None and w.stored_name in prepared.external:
+                    write_weight(w, protos, values, prepared.base_dir, staged.put)
+                else:
+                    write_weight(w, protos, values, prepared.base_dir)
+            if not copy_model:  # the prepared model is used up: hold each weight once
+                del score, sel
+                scores[i] = selected[i] = None  # type: ignore[call-overload]
+                prepared.weights.pop(w.name, None)
+                for layer in w.layers:
+                    stats.pop(layer.node, None)
+        checks: list[OutputCheck] = []
+        provider = prepared.provider
 
-    def verify(path: Path | None) -> None:
-        if config.verify:
-            source = path if path is not None else proto
-            session, _ = make_session(source, Provider(provider), base_dir=prepared.base_dir)
-            checks.extend(_outputs_match(session, prepared.feed, prepared.reference))
+        def verify(path: Path | None) -> None:
+            if config.verify:
+                source = path if path is not None else proto
+                session, _ = make_session(source, Provider(provider), base_dir=prepared.base_dir)
+                checks.extend(_outputs_match(session, prepared.feed, prepared.reference))
 
-    written: list[Path] = []
-    if out_path is not None:
-        written = save_model_atomic(
-            proto, out_path, prepared.external, verify, prepared.base_dir, detach=not copy_model
-        )
-    else:
-        verify(None)
+        written: list[Path] = []
+        if out_path is not None:
+            written = save_model_atomic(
+                proto, out_path, prepared.external, verify, prepared.base_dir, not copy_model, staged
+            )
+        else:
+            verify(None)
+    except BaseException:
+        if staged is not None:  # the writer removes its directory; this covers the rest
+            staged.discard()
+        raise
     timings["save"] = time.perf_counter() - t2
     if progress is not None:
         progress("save", 1, 1)

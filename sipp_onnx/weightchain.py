@@ -14,6 +14,7 @@ requantized with the same scale (rounded and clipped to the integer type).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -38,11 +39,13 @@ def write_weight(
     protos: dict[str, onnx.TensorProto],
     values: np.ndarray,
     base_dir: Path | None = None,
+    store: Callable[[onnx.TensorProto, np.ndarray], None] = write_tensor,
 ) -> None:
-    """Store new weight values (in the layers' coordinates) into the stored constant."""
+    """Store new weight values (in the layers' coordinates) into the stored constant, through
+    `store` (default: into the protobuf; `StagedOutput.put` writes them to the output file)."""
     tensor = protos[weight.stored_name]
     if not weight.chain:
-        write_tensor(tensor, values)
+        store(tensor, values)
         return
     stored = read_tensor(tensor, base_dir)
     # The stored tensor's value after each step, to restore quantized entries exactly.
@@ -51,7 +54,7 @@ def write_weight(
         before.append(_forward(step, before[-1], protos))
     for step, original in zip(reversed(weight.chain), reversed(before), strict=True):
         values = _backward(step, values, original, protos)
-    write_tensor(tensor, values)
+    store(tensor, values)
 
 
 def _forward(step: ChainStep, values: np.ndarray, protos: dict[str, onnx.TensorProto]) -> np.ndarray:

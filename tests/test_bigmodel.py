@@ -234,3 +234,45 @@ def test_sweep_and_evaluate_on_an_external_data_model(tmp_path: Path):
     assert [p.metric for p in got.points] == pytest.approx([p.metric for p in want.points])
     report = evaluate(src, ev, compare=plain)
     assert report.compare is not None and report.compare.cosine == pytest.approx(1.0)
+
+
+def test_pruned_external_tensors_go_straight_to_the_output_file(tmp_path: Path, monkeypatch):
+    """Their bytes never enter the protobuf (which would hold them until the model is freed)."""
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    into_protobuf: list[str] = []
+    original = modelio.write_tensor
+
+    def spy(tensor, values):
+        into_protobuf.append(tensor.name)
+        original(tensor, values)
+
+    monkeypatch.setattr("sipp_onnx.weightchain.write_tensor", spy)
+    monkeypatch.setattr("sipp_onnx.modelio.write_tensor", spy)
+    x = gaussian_calibration((3, 8, 8), n=8)
+    result = prune_model(src, {"x": x}, PruneConfig(sparsity=0.5, refit="none"), output=tmp_path / "o.onnx")
+    assert into_protobuf == []
+    pruned = {layer.weight for layer in result.report.layers}
+    protos = tensor_protos(result.model)
+    assert all(not protos[name].HasField("raw_data") for name in pruned)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["ext.onnx", "ext.onnx.data", "o.onnx", "o.onnx.data"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failure_while_staging_leaves_nothing(tmp_path: Path, monkeypatch, failure):
+    src = save_external(convnet(), tmp_path / "ext.onnx")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    calls = []
+
+    def put(self, tensor, values):
+        calls.append(tensor.name)
+        if len(calls) == 2:
+            raise failure
+        return real_put(self, tensor, values)
+
+    real_put = modelio.StagedOutput.put
+    monkeypatch.setattr(modelio.StagedOutput, "put", put)
+    x = gaussian_calibration((3, 8, 8), n=8)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        prune_model(src, {"x": x}, PruneConfig(sparsity=0.5), output=tmp_path / "o.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
