@@ -297,12 +297,17 @@ def apply(
 
     t1 = time.perf_counter()
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
+    before = [_before(s) for s in scores]  # the weights may be pruned in place below
     if config.sparsity == 0:
         selected = [
             SelectedWeight(s.rows, int(np.count_nonzero(s.rows)), 0.0 if stats else None) for s in scores
         ]
     else:
-        selected = select(scores, config.method.value, config.sparsity, config.seed, config.layer_floor)
+        # A used-up model keeps only the masked weights when nothing needs the original values.
+        in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
+        selected = select(
+            scores, config.method.value, config.sparsity, config.seed, config.layer_floor, in_place
+        )
     timings["selection"] = time.perf_counter() - t1
     if progress is not None:
         progress("select", 1, 1)
@@ -331,9 +336,11 @@ def apply(
         layer_reports = []
         for i, w in enumerate(found.weights):
             score, sel = scores[i], selected[i]
-            layer_reports.append(_layer_report(w, score, sel, refits[i], config))
+            layer_reports.append(_layer_report(w, before[i], sel, refits[i], config))
             counted = layer_reports[-1]
-            changed = counted.kept != counted.nonzero_before or not np.array_equal(sel.rows, score.rows)
+            changed = counted.kept != counted.nonzero_before or (
+                sel.rows is not score.rows and not np.array_equal(sel.rows, score.rows)
+            )
             if changed:  # untouched tensors keep their bytes
                 values = from_rows(sel.rows, w.primary.layout, w.shape)
                 if staged is not None and w.stored_name in prepared.external:
@@ -437,7 +444,11 @@ def _calibrate(
     captured = capture(
         proto, data, accumulators, config.batch_size, config.provider, progress, mask_input, base_dir
     )
-    return {node: acc.result() for node, acc in by_node.items()}, captured
+    accumulators.clear()
+    results = {}
+    for node in list(by_node):  # each accumulator's running statistics freed after its result
+        results[node] = by_node.pop(node).result()
+    return results, captured
 
 
 def layer_stages(proto: onnx.ModelProto, found: Discovery) -> list[list[int]]:
@@ -561,29 +572,38 @@ def _no_layers_message(found: Discovery) -> str:
     return f"no prunable layer: {reasons}{more}"
 
 
+_Before = tuple[int, SensitivityStats | None, bool]
+
+
+def _before(score: WeightScores) -> _Before:
+    """What the report says of a weight before pruning: its non-zeros and sensitivities."""
+    measured = score.sensitivity is not None
+    stats = SensitivityStats.of(score.sensitivity, score.rows) if score.sensitivity is not None else None
+    return int(np.count_nonzero(score.rows)), stats, measured
+
+
 def _layer_report(
     w: PrunableWeight,
-    score: WeightScores,
+    before: _Before,
     sel: SelectedWeight,
     refit: RefitReport | None,
     config: PruneConfig,
 ) -> LayerReport:
     kept = int(np.count_nonzero(sel.rows))
+    nonzero, sensitivity, measured = before
     return LayerReport(
         weight=w.name,
         nodes=tuple(layer.node for layer in w.layers),
         op_type=w.primary.op_type,
         shape=w.shape,
         params=w.size,
-        nonzero_before=int(np.count_nonzero(score.rows)),
+        nonzero_before=nonzero,
         kept=kept,
         sparsity=1.0 - kept / w.size,
-        sensitivity=SensitivityStats.of(score.sensitivity, score.rows)
-        if score.sensitivity is not None
-        else None,
+        sensitivity=sensitivity,
         bound=sel.bound,
         sampled_row_parts=sel.sampled_row_parts,
-        reduction=config.reduction.value if score.sensitivity is not None else None,
+        reduction=config.reduction.value if measured else None,
         refit=refit,
         stored=w.stored,
         via=w.via,

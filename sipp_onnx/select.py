@@ -211,7 +211,7 @@ def _take_ties(
 
 
 def select_global(
-    weights: Sequence[WeightScores], keep: int, by: str, layer_floor: float = 0.0
+    weights: Sequence[WeightScores], keep: int, by: str, layer_floor: float = 0.0, in_place: bool = False
 ) -> list[SelectedWeight]:
     """SiPP-Det (`by='sensitivity'`) or global magnitude pruning (`by='magnitude'`).
 
@@ -234,14 +234,19 @@ def select_global(
     total = sum(r.size for r in rows)
     floors = [math.ceil(layer_floor * keep / total * r.size) for r in rows] if layer_floor > 0 else None
     masks = _global_top(key_of, rows, keep, floors, narrow)
-    return [
-        SelectedWeight(
-            np.where(m, w.rows, 0).astype(w.rows.dtype, copy=False),
-            int(np.count_nonzero(m & (w.rows != 0))),
-            _det_bound(w.sensitivity, w.rows, m),
-        )
-        for w, m in zip(weights, masks, strict=True)
-    ]
+    out = []
+    for w, m in zip(weights, masks, strict=True):
+        kept, bound = int(np.count_nonzero(m & (w.rows != 0))), _det_bound(w.sensitivity, w.rows, m)
+        out.append(SelectedWeight(_masked(w.rows, m, in_place), kept, bound))  # masked last: in place
+    return out
+
+
+def _masked(rows: np.ndarray, keep: np.ndarray, in_place: bool) -> np.ndarray:
+    """`rows` with the entries outside `keep` zeroed: a copy, or `rows` itself."""
+    if in_place and rows.flags.writeable:
+        rows[~keep] = 0
+        return rows
+    return np.where(keep, rows, 0).astype(rows.dtype, copy=False)
 
 
 def _require(value: np.ndarray | None, what: str) -> np.ndarray:
@@ -290,7 +295,7 @@ def row_top(score: np.ndarray, tiebreak: np.ndarray, k: np.ndarray) -> np.ndarra
     return mask
 
 
-def select_wanda(weights: Sequence[WeightScores], keep: int) -> list[SelectedWeight]:
+def select_wanda(weights: Sequence[WeightScores], keep: int, in_place: bool = False) -> list[SelectedWeight]:
     """Wanda: score |w_ij| * ||X_j||_2, top-k within each output row.
 
     Per-row counts follow the global keep fraction with the largest-remainder rule, so the total
@@ -315,13 +320,8 @@ def select_wanda(weights: Sequence[WeightScores], keep: int) -> list[SelectedWei
         score = np.where(absw > 0, score, -1.0)  # zero weights last
         mask = row_top(score, absw, k)
         mask &= w.rows != 0
-        results.append(
-            SelectedWeight(
-                np.where(mask, w.rows, 0).astype(w.rows.dtype, copy=False),
-                int(mask.sum()),
-                _det_bound(w.sensitivity, w.rows, mask),
-            )
-        )
+        bound = _det_bound(w.sensitivity, w.rows, mask)
+        results.append(SelectedWeight(_masked(w.rows, mask, in_place), int(mask.sum()), bound))
     return results
 
 
@@ -508,24 +508,36 @@ def _fix_count(
 
 
 def select(
-    weights: Sequence[WeightScores], method: str, sparsity: float, seed: int = 0, layer_floor: float = 0.0
+    weights: Sequence[WeightScores],
+    method: str,
+    sparsity: float,
+    seed: int = 0,
+    layer_floor: float = 0.0,
+    in_place: bool = False,
 ) -> list[SelectedWeight]:
     """Prune all `weights` together to `sparsity` with `method` (a `Method` value)."""
     keep = budget(sum(w.rows.size for w in weights), sparsity)
-    return select_count(weights, method, keep, seed, layer_floor)
+    return select_count(weights, method, keep, seed, layer_floor, in_place)
 
 
 def select_count(
-    weights: Sequence[WeightScores], method: str, keep: int, seed: int = 0, layer_floor: float = 0.0
+    weights: Sequence[WeightScores],
+    method: str,
+    keep: int,
+    seed: int = 0,
+    layer_floor: float = 0.0,
+    in_place: bool = False,
 ) -> list[SelectedWeight]:
     """Keep `keep` weights of all `weights` together with `method` (a `Method` value).
-    `layer_floor` applies to the global-threshold methods (sipp-det, magnitude)."""
+    `layer_floor` applies to the global-threshold methods (sipp-det, magnitude). `in_place`:
+    the mask-only methods (sipp-det, magnitude, wanda) zero the pruned entries of the given
+    rows themselves instead of copying them (a model's worth of memory less)."""
     if method == "sipp-det":
-        return select_global(weights, keep, by="sensitivity", layer_floor=layer_floor)
+        return select_global(weights, keep, by="sensitivity", layer_floor=layer_floor, in_place=in_place)
     if method == "magnitude":
-        return select_global(weights, keep, by="magnitude", layer_floor=layer_floor)
+        return select_global(weights, keep, by="magnitude", layer_floor=layer_floor, in_place=in_place)
     if method == "wanda":
-        return select_wanda(weights, keep)
+        return select_wanda(weights, keep, in_place)
     if method in ("sipp-rand", "sipp-hybrid"):
         return select_sampled(weights, keep, seed, hybrid=method == "sipp-hybrid")
     raise ValueError(f"unknown method {method!r}")

@@ -200,16 +200,13 @@ class _Accumulator:
         self.reduction = reduction
         self.terms = terms
         self.compute_sensitivity = compute_sensitivity
-        grouped = rows.reshape(groups, n_out // groups, k)
+        self._grouped = rows.reshape(groups, n_out // groups, k)
         dtype = np.float64 if reduction == "expected" else np.float32
-        # (weights of one part, running statistic of that part)
-        if terms == "absolute":
-            self._parts = [(np.abs(grouped), np.zeros(grouped.shape, dtype=dtype))]
-        else:
-            self._parts = [
-                (np.maximum(grouped, 0), np.zeros(grouped.shape, dtype=dtype)),
-                (np.minimum(grouped, 0), np.zeros(grouped.shape, dtype=dtype)),
-            ]
+        # The running statistic of each weight part (|w|, or the positive and negative parts);
+        # the parts themselves are made per batch (`_weight_parts`): kept, they would be one
+        # more copy of the model's weights for the whole pass.
+        parts = 0 if not compute_sensitivity else 1 if terms == "absolute" else 2
+        self._best = [np.zeros(self._grouped.shape, dtype=dtype) for _ in range(parts)]
         self._sqnorm = np.zeros((groups, k), dtype=np.float64)
         self._gram = np.zeros((groups, k, k), dtype=np.float64) if gram else None
         self._sum = np.zeros((groups, k), dtype=np.float64) if gram else None
@@ -247,8 +244,9 @@ class _Accumulator:
             inputs = [patches] if nonnegative else _absolute_samples(patches)
         else:
             inputs = _sample_parts(patches)
+        w_parts = self._weight_parts()
         for part in inputs:
-            for w_part, best in self._parts:
+            for w_part, best in zip(w_parts, self._best, strict=True):
                 recip = reciprocal(np.matmul(w_part[None], part))  # [B', G, Ng, L]
                 if self.reduction == "max" or (self.reduction == "mean" and n_points == 1):
                     r = recip.transpose(1, 0, 3, 2).reshape(groups, -1, recip.shape[2])
@@ -258,6 +256,11 @@ class _Accumulator:
                     _max_of_sample_means(recip, part, best)
                 else:
                     best += np.matmul(recip, part.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
+
+    def _weight_parts(self) -> list[np.ndarray]:
+        if self.terms == "absolute":
+            return [np.abs(self._grouped)]
+        return [np.maximum(self._grouped, 0), np.minimum(self._grouped, 0)]
 
     def _add_gram(self, patches: np.ndarray) -> None:
         """Add `sum x x^T` and `sum x` of the points `[B, G, d, L]` to the running float64 sums.
@@ -279,9 +282,9 @@ class _Accumulator:
         sens = None
         if self.compute_sensitivity:
             if self.terms == "absolute":
-                share = self._parts[0][1].reshape(n_out, k)
+                share = self._best[0].reshape(n_out, k)
             else:
-                pos, neg = (best.reshape(n_out, k) for _, best in self._parts)
+                pos, neg = (best.reshape(n_out, k) for best in self._best)
                 share = np.where(w > 0, pos, np.where(w < 0, neg, 0))
             scale = 1.0 / max(self.points, 1) if self.reduction == "expected" else 1.0
             sens = np.minimum(np.abs(w) * share * scale, 1.0).astype(np.float32)  # float32 can pass 1

@@ -241,3 +241,15 @@ def test_global_top_equals_one_sorted_list(seed, floors):
         want = _slow_global_top(narrow, weights, keep, floor)
         for g, w in zip(_global_top(narrow.__getitem__, weights, keep, floor, True), want, strict=True):
             np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("method", ["sipp-det", "magnitude", "wanda"])
+def test_in_place_selection_equals_the_copy(method):
+    """In place, the given rows are the result; counts and bounds are taken before zeroing."""
+    copied = select(make_weights(zeros=0.1), method, 0.6, layer_floor=0.25)
+    weights = make_weights(zeros=0.1)
+    in_place = select(weights, method, 0.6, layer_floor=0.25, in_place=True)
+    for c, p, w in zip(copied, in_place, weights, strict=True):
+        assert p.rows is w.rows
+        np.testing.assert_array_equal(c.rows, p.rows)
+        assert (c.kept, c.bound) == (p.kept, p.bound)
