@@ -73,6 +73,20 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
     return math.ceil(3.0 * math.log(8.0 * eta * eta_max / DELTA))
 
 
+def _read_weights(
+    found: Discovery, protos: dict[str, onnx.TensorProto], base_dir: Path | None, timings: dict[str, float]
+) -> dict[str, np.ndarray]:
+    """Every pruned weight as its layers read it (float32), checked for NaN/inf; time -> load."""
+    t0 = time.perf_counter()
+    weights = {w.name: read_weight(w, protos, base_dir) for w in found.weights}
+    for w in found.weights:
+        if not np.isfinite(weights[w.name]).all():
+            bad = int(np.count_nonzero(~np.isfinite(weights[w.name])))
+            raise ModelError(f"weight {w.stored_name!r} holds {bad} NaN/inf value(s); the model is broken")
+    timings["load"] += time.perf_counter() - t0
+    return weights
+
+
 def _accumulator(
     layer: Layer, weight: np.ndarray, config: PruneConfig, sensitivity: bool, gram: bool, samples: int
 ) -> DenseAccumulator | ConvAccumulator:
@@ -210,17 +224,17 @@ def prepare(
         log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
     protos = tensor_protos(proto)
     base_dir = model_path.parent if model_path is not None else None
-    weights = {w.name: read_weight(w, protos, base_dir) for w in found.weights}
-    for w in found.weights:
-        if not np.isfinite(weights[w.name]).all():
-            bad = int(np.count_nonzero(~np.isfinite(weights[w.name])))
-            raise ModelError(f"weight {w.stored_name!r} holds {bad} NaN/inf value(s); the model is broken")
     timings = {"load": time.perf_counter() - t0}
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
     want_gram = gram if gram is not None else config.refit is not Refit.NONE
     measure = statistics if statistics is not None else config.method is Method.WANDA
+    # The weights are read when first needed: before the pass for the sensitivities, after it
+    # otherwise, so that they and ONNX Runtime's copy of the model are not in memory together.
+    weights: dict[str, np.ndarray] = {}
     if (want_sens or want_gram or measure) and config.sparsity > 0:
+        if want_sens:
+            weights = _read_weights(found, protos, base_dir, timings)
         stats, captured = _calibrate(
             proto, found, weights, data, config, progress, want_sens, want_gram, mask_input, base_dir
         )
@@ -245,6 +259,9 @@ def prepare(
         except Exception as exc:
             raise CalibrationError(f"ONNX Runtime failed on calibration batch 0: {run_error(exc)}") from None
         reference = dict(zip([o.name for o in session.get_outputs()], outputs, strict=True))
+        del session
+    if not weights:
+        weights = _read_weights(found, protos, base_dir, timings)
     return Prepared(
         model,
         proto,
@@ -437,8 +454,10 @@ def _calibrate(
     accumulators: dict[str, list[Accumulator]] = {}
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
     for w in found.weights:
+        # Without sensitivities only the weight's shape matters: a zero-strided stand-in.
+        values = weights[w.name] if sensitivity else np.broadcast_to(np.float32(0), w.shape)
         for layer in w.layers:
-            acc = _accumulator(layer, weights[w.name], config, sensitivity, gram, data.samples)
+            acc = _accumulator(layer, values, config, sensitivity, gram, data.samples)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
     captured = capture(
