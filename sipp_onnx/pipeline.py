@@ -73,6 +73,13 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
     return math.ceil(3.0 * math.log(8.0 * eta * eta_max / DELTA))
 
 
+def gram_bytes(found: Discovery) -> int:
+    """Memory of the refit's statistics: per layer and group, a `K x K` float64 Gram matrix."""
+    return sum(
+        (layer.conv.group if layer.conv is not None else 1) * layer.fan_in**2 * 8 for layer in found.layers
+    )
+
+
 def _read_weights(
     found: Discovery, protos: dict[str, onnx.TensorProto], base_dir: Path | None, timings: dict[str, float]
 ) -> dict[str, np.ndarray]:
@@ -297,7 +304,9 @@ def apply(
     `config` may differ from the one used by `prepare` in method, sparsity, refit and seed, as
     long as the prepared statistics cover it (else ConfigError). `copy_model=False` rewrites the
     prepared model itself (one prune, no second copy of the weights in memory); `prepared` is
-    then used up.
+    then used up: each weight is dropped once written, the mask-only methods without a refit
+    zero its entries in place, and the pruned tensors of a model with external data go straight
+    to the output's data file.
     """
     _check_covers(prepared, config)
     t0 = time.perf_counter()
@@ -451,6 +460,14 @@ def _calibrate(
     base_dir: Path | None,
 ) -> tuple[dict[str, LayerStatistics], CaptureResult]:
     """One streamed pass over the calibration data; statistics per layer node."""
+    if gram:
+        size = gram_bytes(found)
+        if size > 2**30:
+            log.warning(
+                "the refit keeps a K x K float64 Gram matrix per layer: %.1f GB for this model "
+                "(--refit bias or none needs none)",
+                size / 1e9,
+            )
     accumulators: dict[str, list[Accumulator]] = {}
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
     for w in found.weights:

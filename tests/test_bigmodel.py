@@ -276,3 +276,13 @@ def test_failure_while_staging_leaves_nothing(tmp_path: Path, monkeypatch, failu
     with pytest.raises((OSError, KeyboardInterrupt)):
         prune_model(src, {"x": x}, PruneConfig(sparsity=0.5), output=tmp_path / "o.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_gram_bytes_is_what_the_refit_statistics_take():
+    """The estimate behind the refit's memory warning, against the matrices really kept."""
+    from sipp_onnx.pipeline import gram_bytes
+
+    x = gaussian_calibration((3, 8, 8), n=8)
+    prepared = prepare(convnet(), {"x": x}, PruneConfig(sparsity=0.5, method="wanda", refit="obs"))
+    kept = sum(st.gram.nbytes for st in prepared.stats.values() if st.gram is not None)
+    assert gram_bytes(prepared.found) == kept > 0
