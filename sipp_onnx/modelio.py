@@ -358,7 +358,6 @@ def relocated(
     data_file: Path,
     choose: Callable[[onnx.TensorProto], bool],
     base_dir: Path | None = None,
-    copy_external: bool = True,
     restore: bool = True,
     staged: frozenset[str] = frozenset(),
 ) -> Iterator[int]:
@@ -367,8 +366,8 @@ def relocated(
     The model's tensors are pointed at `data_file` (relative to its directory) instead of
     copied: serializing the model inside the block writes only the graph, and the caller's
     model is unchanged afterwards (unless `restore` is False: the tensors then stay in the
-    data file). With `copy_external`, tensors that already live in external files under
-    `base_dir` are copied there too, in chunks. Tensors named in `staged` are already in
+    data file). Tensors that already live in external files under `base_dir` are copied there
+    too, in chunks. Tensors named in `staged` are already in
     `data_file` (see `StagedOutput`), which is then appended to. Yields the number of tensors
     in the data file.
     """
@@ -381,8 +380,6 @@ def relocated(
                 if tensor.name in staged:
                     continue
                 external = external_data_helper.uses_external_data(tensor)
-                if external and not copy_external:
-                    continue
                 if not external and not (tensor.HasField("raw_data") and choose(tensor)):
                     continue
                 offset = out.tell()
