@@ -7,8 +7,9 @@ place, so a failure or an interrupt never leaves a partial output and never chan
 
 Tensors stored as external data are never loaded as a whole model: the graph is read without
 them, a tensor's values are read when a stage needs them (`read_tensor` with the model's
-directory), and the writer copies every untouched external tensor from the input's data file
-to the output's in chunks. Memory then holds the pruned tensors, not the whole model.
+directory), the pruned ones go straight to the output's data file (`StagedOutput`), and the
+writer copies every untouched external tensor from the input's data file to the output's in
+chunks. No tensor's bytes enter the protobuf, which would keep them until the model is freed.
 """
 
 from __future__ import annotations
