@@ -9,7 +9,8 @@ Tensors stored as external data are never loaded as a whole model: the graph is 
 them, a tensor's values are read when a stage needs them (`read_tensor` with the model's
 directory), the pruned ones go straight to the output's data file (`StagedOutput`), and the
 writer copies every untouched external tensor from the input's data file to the output's in
-chunks. No tensor's bytes enter the protobuf, which would keep them until the model is freed.
+chunks. An external tensor's bytes never enter the protobuf, which would keep them until the
+model is freed.
 """
 
 from __future__ import annotations
