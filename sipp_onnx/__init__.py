@@ -7,6 +7,7 @@ print(result.report.format_table())
 
 __version__ = "0.1.0"
 
+from .checking import PatternReport, check_pattern  # noqa: E402
 from .config import Method, Provider, PruneConfig, Reduction, Refit, Terms  # noqa: E402
 from .discover import discover  # noqa: E402
 from .errors import (  # noqa: E402
@@ -29,6 +30,7 @@ __all__ = [
     "ModelError",
     "NoPrunableLayersError",
     "OutputError",
+    "PatternReport",
     "Provider",
     "ProviderError",
     "PruneConfig",
@@ -39,6 +41,7 @@ __all__ = [
     "SippError",
     "Terms",
     "__version__",
+    "check_pattern",
     "discover",
     "inspect_model",
     "prune_model",

@@ -21,12 +21,15 @@ from typing import Any
 import click
 
 from . import __version__
+from .checking import check_pattern
 from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Refit, Terms
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
 from .modelio import check_output_path
+from .pattern import Pattern, parse_pattern
 from .pipeline import prune_model
+from .sizes import describe as describe_sizes
 from .sweep import SWEEP_FILES, SweepPoint, Variant, sweep, write_sweep
 
 
@@ -250,6 +253,15 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="Measure each layer on the outputs of the already pruned earlier layers "
     "(one calibration pass per layer depth).",
 )
+@click.option(
+    "--pattern",
+    default="unstructured",
+    show_default=True,
+    help="unstructured, or N:M (e.g. 2:4 for NVIDIA sparse tensor cores via TensorRT): every M "
+    "consecutive weights along each layer's input channels keep the N with the highest score; "
+    "sets the sparsity of each layer it fits to 1 - N/M (--sparsity is not used) and leaves the "
+    "others unpruned. `sipp-onnx check` verifies a model.",
+)
 @_measure_options
 @click.option(
     "--report",
@@ -270,6 +282,7 @@ def prune(
     method: str,
     refit: str,
     sequential: bool,
+    pattern: str,
     report_path: Path | None,
     overwrite: bool,
     no_verify: bool,
@@ -287,6 +300,7 @@ def prune(
             refit=Refit(refit),
             sequential=sequential,
             verify=not no_verify,
+            pattern=pattern,
             **measure,
         )
         out = output if output is not None else _default_output(model)
@@ -314,6 +328,7 @@ def prune(
         label = (
             report.method
             + (f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else "")
+            + (f", pattern {report.pattern}" if report.pattern != "unstructured" else "")
             + (f", refit {report.refit}" if report.refit != "none" else "")
         )
         click.echo(
@@ -334,6 +349,11 @@ def prune(
                 f"cosine {check.cosine:.6f} vs the original (first calibration batch)"
             )
         click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+        if report.size_before is not None:
+            click.echo(describe_sizes(report.size_before, report.size_after))
+        for layer in report.layers:
+            if layer.pattern.startswith("not applied"):
+                click.echo(f"{','.join(layer.nodes)}: pattern {layer.pattern}")
         if report.skipped:
             click.echo(f"{len(report.skipped)} candidate(s) not pruned; see `sipp-onnx inspect`")
         click.echo(f"wrote {result.output}")
@@ -371,6 +391,51 @@ def inspect(model: Path, as_json: bool, exclude: tuple[str, ...], op_types: tupl
             click.echo(report.format_table())
 
     _run(body)
+
+
+def _parse_pattern(_ctx: click.Context, _param: click.Parameter, value: str) -> Pattern:
+    try:
+        pattern = parse_pattern(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if pattern is None:
+        raise click.BadParameter(f"expected an N:M pattern such as 2:4, got {value!r}")
+    return pattern
+
+
+@main.command("check")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--pattern",
+    required=True,
+    callback=_parse_pattern,
+    metavar="N:M",
+    help="At most N non-zeros in every M consecutive input channels, e.g. 2:4 (TensorRT's sparse "
+    "tensor cores).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def check_command(model: Path, pattern: Pattern, as_json: bool) -> None:
+    """Check whether each prunable layer of MODEL follows an N:M structured-sparsity pattern:
+    for each output channel and each kernel position, every M consecutive input channels hold at
+    most N non-zeros.
+
+    Layers whose input channels are not a multiple of M are not applicable. Exit status 4 when a
+    layer that should comply does not.
+    """
+    _setup_logging(False, False)
+
+    def body() -> int:
+        report = check_pattern(model, pattern)
+        if as_json:
+            click.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            click.echo(report.format_table())
+        if not report.ok:
+            click.echo(f"fail: {len(report.violating)} layer(s) violate {pattern.label}", err=True)
+            return 4
+        return 0
+
+    sys.exit(_run(body))
 
 
 @main.command("eval")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .errors import ConfigError
+from .pattern import Pattern, parse_pattern
 
 
 class Method(StrEnum):
@@ -106,6 +107,11 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = PRUNABLE_OP_TYPES
     verify: bool = True
+    pattern: str = "unstructured"
+    """'unstructured', or 'N:M' (e.g. '2:4' for NVIDIA sparse tensor cores): every M consecutive
+    weights along each layer's reduction axis keep the N with the highest score. It sets each
+    fitting layer's sparsity to 1 - N/M (`sparsity` is then not used); a layer it does not fit
+    is left unpruned. See `pattern.py`."""
 
     def __post_init__(self) -> None:
         # Accept plain strings from library users and coerce them to the enums.
@@ -150,3 +156,15 @@ class PruneConfig:
                 f"op_types must be a non-empty subset of {', '.join(PRUNABLE_OP_TYPES)}, got {ops}"
             )
         object.__setattr__(self, "op_types", ops)
+        try:
+            structure = parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        object.__setattr__(self, "pattern", structure.label if structure else "unstructured")
+        if structure is not None:  # the pattern decides each layer's sparsity
+            object.__setattr__(self, "sparsity", structure.sparsity)
+
+    @property
+    def structure(self) -> Pattern | None:
+        """The N:M pattern, or None for unstructured pruning."""
+        return parse_pattern(self.pattern)

@@ -117,6 +117,17 @@ def _external_file(base_dir: Path, location: str, tensor: str) -> Path:
     return base_dir / location
 
 
+def model_files(model: onnx.ModelProto, path: Path) -> list[Path]:
+    """The files a model loaded from `path` consists of: itself and its external data files."""
+    files = [Path(path)]
+    for tensor in all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            data = _external_file(Path(path).parent, _external_info(tensor)[0], tensor.name)
+            if data not in files:
+                files.append(data)
+    return files
+
+
 def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
     """Fail early, with one line, when an external tensor's file is missing or too short."""
     sizes: dict[Path, int] = {}

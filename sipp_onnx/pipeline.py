@@ -29,17 +29,21 @@ from .modelio import (
     check_output_path,
     external_tensor_names,
     load_model,
+    model_files,
     model_inputs,
+    over_2gb,
     resolve_mask_input,
     save_model_atomic,
     shift_bias,
     tensor_protos,
 )
+from .pattern import pattern_problem
 from .refit import RefitOutcome, refit_layer
 from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
-from .select import SelectedWeight, WeightScores, select, select_count
+from .select import SelectedWeight, WeightScores, select, select_count, select_pattern
 from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
+from .sizes import FileSize, bytes_size, files_size
 from .weightchain import read_weight, write_weight
 
 log = logging.getLogger(__name__)
@@ -164,6 +168,8 @@ class Prepared:
     has_gram: bool
     timings: dict[str, float]
     mask_input: str | None = None
+    size_before: FileSize | None = None
+    """The input model on disk and compressed."""
 
     @property
     def base_dir(self) -> Path | None:
@@ -215,10 +221,12 @@ def prepare(
         proto = load_model(model_path, load_external=False)
         external = external_tensor_names(proto)
         check_external_data(proto, model_path.parent)
+        size_before: FileSize | None = files_size(model_files(proto, model_path))
     else:
         proto = onnx.ModelProto()
         proto.CopyFrom(model)
         external = frozenset()
+        size_before = None if over_2gb(proto) else bytes_size(proto.SerializeToString())
     if not proto.graph.output:
         raise ModelError("the model has no graph outputs (nothing to run or to check)")
     found = discover(proto, config.op_types, config.exclude)
@@ -287,6 +295,7 @@ def prepare(
         want_gram,
         timings,
         mask_input,
+        size_before,
     )
 
 
@@ -332,7 +341,13 @@ def apply(
         # A used-up model keeps only the masked weights when nothing needs the original values.
         in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
         selected = select(
-            scores, config.method.value, config.sparsity, config.seed, config.layer_floor, in_place
+            scores,
+            config.method.value,
+            config.sparsity,
+            config.seed,
+            config.layer_floor,
+            in_place,
+            config.structure,
         )
     timings["selection"] = time.perf_counter() - t1
     if progress is not None:
@@ -362,7 +377,7 @@ def apply(
         layer_reports = []
         for i, w in enumerate(found.weights):
             score, sel = scores[i], selected[i]
-            layer_reports.append(_layer_report(w, before[i], sel, refits[i], config))
+            layer_reports.append(_layer_report(w, before[i], sel, refits[i], config, score.kernel_size))
             counted = layer_reports[-1]
             changed = counted.kept != counted.nonzero_before or (
                 sel.rows is not score.rows and not np.array_equal(sel.rows, score.rows)
@@ -402,6 +417,7 @@ def apply(
     timings["save"] = time.perf_counter() - t2
     if progress is not None:
         progress("save", 1, 1)
+    size_after = files_size(written) if written else None
     timings["total"] = sum(timings.get(stage, 0.0) for stage in ("load", "session", "capture", "sensitivity"))
     timings["total"] += time.perf_counter() - t0
 
@@ -418,6 +434,7 @@ def apply(
         provider,
         timings,
         checks,
+        (prepared.size_before, size_after),
     )
     for check in checks:
         log.info(
@@ -535,7 +552,9 @@ def _sequential(
             w = found.weights[i]
             score = _scores(w, weights[w.name], stats)
             sel = selected[i]
-            if config.method is not Method.MAGNITUDE:
+            if config.structure is not None:
+                sel = select_pattern([score], config.method.value, config.structure)[0]
+            elif config.method is not Method.MAGNITUDE:
                 sel = select_count([score], config.method.value, selected[i].kept, config.seed)[0]
             if config.refit is not Refit.NONE:
                 sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit, prepared.base_dir)
@@ -624,9 +643,14 @@ def _layer_report(
     sel: SelectedWeight,
     refit: RefitReport | None,
     config: PruneConfig,
+    kernel_size: int,
 ) -> LayerReport:
     kept = int(np.count_nonzero(sel.rows))
     nonzero, sensitivity, measured = before
+    pattern = ""
+    if config.structure is not None:
+        problem = pattern_problem(w.primary.fan_in, kernel_size, config.structure)
+        pattern = f"not applied: {problem}" if problem else config.structure.label
     return LayerReport(
         weight=w.name,
         nodes=tuple(layer.node for layer in w.layers),
@@ -643,6 +667,7 @@ def _layer_report(
         refit=refit,
         stored=w.stored,
         via=w.via,
+        pattern=pattern,
     )
 
 
@@ -659,6 +684,7 @@ def _report(
     provider: str,
     timings: dict[str, float],
     checks: list[OutputCheck],
+    sizes: tuple[FileSize | None, FileSize | None] = (None, None),
 ) -> PruneReport:
     total = sum(layer.params for layer in layers)
     kept = sum(layer.kept for layer in layers)
@@ -683,6 +709,9 @@ def _report(
         max_points=config.max_points,
         seed=config.seed,
         sparsity_target=config.sparsity,
+        pattern=config.pattern,
+        size_before=sizes[0],
+        size_after=sizes[1],
         sparsity_achieved=1.0 - kept / total,
         params_total=total,
         params_kept=kept,

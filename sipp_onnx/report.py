@@ -12,6 +12,7 @@ import numpy as np
 
 from .layers import SkippedCandidate
 from .modelio import write_text_atomic
+from .sizes import FileSize
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class LayerReport:
     """The constant that was rewritten, when the layers read it through ops (see `via`)."""
     via: str = ""
     """The followed ops from `stored` to `weight`, e.g. 'DequantizeLinear -> Transpose[1, 0]'."""
+    pattern: str = ""
+    """With an N:M pattern: the pattern applied, or 'not applied: <why>' (left unpruned)."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,12 @@ class PruneReport:
     unused_calibration_arrays: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    pattern: str = "unstructured"
+    """'unstructured' or the N:M pattern (then `sparsity_target` is 1 - N/M of the layers it fits)."""
+    size_before: FileSize | None = None
+    """The input model's files (or serialized model) on disk and DEFLATE-compressed."""
+    size_after: FileSize | None = None
+    """The written output's files (None when nothing was written)."""
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))

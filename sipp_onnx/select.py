@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from .allocation import a_coefficient, allocate, draws_for_distinct, eps_bound
+from .pattern import Pattern, group_mask, pattern_problem
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,36 @@ def select_global(
     for w, m in zip(weights, masks, strict=True):
         kept, bound = int(np.count_nonzero(m & (w.rows != 0))), _det_bound(w.sensitivity, w.rows, m)
         out.append(SelectedWeight(_masked(w.rows, m, in_place), kept, bound))  # masked last: in place
+    return out
+
+
+def pattern_score(w: WeightScores, method: str) -> np.ndarray:
+    """What an N:M group keeps the top of: the sensitivity for the SiPP methods (the pattern
+    fixes every group's count, so nothing is left to sample), |w| for magnitude, and Wanda's
+    |w| * ||x||."""
+    if method.startswith("sipp"):
+        return _require(w.sensitivity, "sensitivity")
+    if method == "wanda":
+        return np.abs(w.rows).astype(np.float64) * np.sqrt(_require(w.input_sqnorm, "input norm"))
+    if method == "magnitude":
+        return np.abs(w.rows)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def select_pattern(
+    weights: Sequence[WeightScores], method: str, pattern: Pattern, in_place: bool = False
+) -> list[SelectedWeight]:
+    """Keep the `pattern.n` highest scores of every group of `pattern.m` weights along each
+    weight's reduction axis; a weight the pattern does not fit is returned unchanged."""
+    out = []
+    for w in weights:
+        if pattern_problem(w.rows.shape[1], w.kernel_size, pattern):
+            out.append(SelectedWeight(w.rows, int(np.count_nonzero(w.rows)), None))
+            continue
+        mask = group_mask(pattern_score(w, method), np.abs(w.rows), w.kernel_size, pattern)
+        mask &= w.rows != 0
+        kept, bound = int(mask.sum()), _det_bound(w.sensitivity, w.rows, mask)
+        out.append(SelectedWeight(_masked(w.rows, mask, in_place), kept, bound))
     return out
 
 
@@ -514,8 +545,12 @@ def select(
     seed: int = 0,
     layer_floor: float = 0.0,
     in_place: bool = False,
+    pattern: Pattern | None = None,
 ) -> list[SelectedWeight]:
-    """Prune all `weights` together to `sparsity` with `method` (a `Method` value)."""
+    """Prune all `weights` together to `sparsity` with `method` (a `Method` value), or, with an
+    N:M `pattern`, every weight it fits to that pattern (`sparsity` then unused)."""
+    if pattern is not None:
+        return select_pattern(weights, method, pattern, in_place)
     keep = budget(sum(w.rows.size for w in weights), sparsity)
     return select_count(weights, method, keep, seed, layer_floor, in_place)
 
