@@ -281,6 +281,57 @@ def write_docs(results: list[SweepResult], out: Path, text: str) -> None:
     doc.write_text(new)
 
 
+def pattern_table(bench: Bench, pattern: str, batch_size: int) -> tuple[str, dict]:
+    """Every method of OURS at 50 % unstructured and with the N:M `pattern`, on one calibration
+    pass each: the rows of the N:M section of docs/benchmarks.md."""
+    runs = {}
+    for label, config in (
+        ("unstructured", PruneConfig(batch_size=batch_size, sparsity=0.5)),
+        (pattern, PruneConfig(batch_size=batch_size, pattern=pattern)),
+    ):
+        runs[label] = sweep(
+            bench.model,
+            bench.calib,
+            bench.evaluation,
+            [Variant.parse(v, "none") for v in OURS],
+            [config.sparsity],
+            config,
+            metric=bench.metric,
+            output_name=bench.output,
+            point_done=lambda p, label=label: print(
+                f"  {bench.name} {label} {p.variant}: {p.metric:.4f} (sparsity {p.achieved:.1%})",
+                file=sys.stderr,
+            ),
+        )
+    base = runs["unstructured"]
+    scale = 100.0 if base.metric == "accuracy" else 1.0
+    fmt = "{:.1f}" if base.metric == "accuracy" else "{:.4f}"
+    lines = [
+        f"### {bench.name}: {base.metric} (dense {fmt.format(base.dense * scale)})",
+        "",
+        f"| method | unstructured 50 % | {pattern} | sparsity reached with {pattern} |",
+        "|---|---|---|---|",
+    ]
+    for plain, structured in zip(base.points, runs[pattern].points, strict=True):
+        lines.append(
+            f"| {plain.variant} | {fmt.format(plain.metric * scale)} | "
+            f"{fmt.format(structured.metric * scale)} | {structured.achieved:.1%} |"
+        )
+    raw = {label: r.to_dict() for label, r in runs.items()}
+    return "\n".join(lines), raw
+
+
+def write_pattern_docs(pattern: str, text: str) -> None:
+    doc = ROOT / "docs" / "benchmarks.md"
+    heading = f"## N:M sparsity ({pattern})"
+    section = heading + "\n\n" + text
+    current = doc.read_text()
+    new, count = re.subn(re.escape(heading) + r"\n.*?(?=\n## |\Z)", lambda _: section, current, flags=re.S)
+    if count != 1:
+        new = current.rstrip("\n") + "\n\n" + section + "\n"
+    doc.write_text(new)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -292,6 +343,12 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "quality")
     parser.add_argument("--no-peer", action="store_true", help="Skip the onnxsim peer.")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument(
+        "--pattern",
+        default=None,
+        help="Only the N:M comparison (e.g. 2:4): every method at 50 %% unstructured and with the "
+        "pattern; with --write-docs it replaces the 'N:M sparsity' section of docs/benchmarks.md.",
+    )
     parser.add_argument(
         "--replot", action="store_true", help="Only redraw the plots (and docs images) from OUT/*/sweep.json."
     )
@@ -314,6 +371,29 @@ def main() -> int:
             file=sys.stderr,
         )
         return 1
+    if args.pattern:
+        t0 = time.perf_counter()
+        tables, raw = [], {}
+        for bench in chosen:
+            print(f"{bench.name}:", file=sys.stderr)
+            table, raw[bench.name] = pattern_table(bench, args.pattern, args.batch_size)
+            tables.append(table)
+        intro = (
+            f"Produced by `python tools/bench_quality.py --pattern {args.pattern} --write-docs` "
+            f"(sipp-onnx {__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs, "
+            f"{(time.perf_counter() - t0) / 60:.1f} min). Each method at 50 % unstructured and with "
+            f"{args.pattern} (groups along every layer's input channels; layers whose input channels "
+            "are not a multiple of M stay dense, hence the sparsity reached)."
+        )
+        text = intro + "\n\n" + "\n\n".join(tables)
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"pattern_{args.pattern.replace(':', '_')}.json").write_text(
+            json.dumps(raw, indent=2, default=str) + "\n"
+        )
+        if args.write_docs:
+            write_pattern_docs(args.pattern, text)
+        return 0
     peer = not args.no_peer
     if peer:
         try:
