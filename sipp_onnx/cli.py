@@ -262,6 +262,15 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "sets the sparsity of each layer it fits to 1 - N/M (--sparsity is not used) and leaves the "
     "others unpruned. `sipp-onnx check` verifies a model.",
 )
+@click.option(
+    "--store",
+    type=click.Choice(["dense", "sparse"]),
+    default="dense",
+    show_default=True,
+    help="sparse: write pruned initializers as ONNX sparse initializers where that is smaller "
+    "(below a third non-zero for float32). ONNX Runtime densifies them on load: a smaller file, "
+    "not a faster model.",
+)
 @_measure_options
 @click.option(
     "--report",
@@ -283,6 +292,7 @@ def prune(
     refit: str,
     sequential: bool,
     pattern: str,
+    store: str,
     report_path: Path | None,
     overwrite: bool,
     no_verify: bool,
@@ -301,6 +311,7 @@ def prune(
             sequential=sequential,
             verify=not no_verify,
             pattern=pattern,
+            store=store,
             **measure,
         )
         out = output if output is not None else _default_output(model)

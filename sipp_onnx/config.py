@@ -107,6 +107,10 @@ class PruneConfig:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = PRUNABLE_OP_TYPES
     verify: bool = True
+    store: str = "dense"
+    """'sparse': pruned initializers are written as ONNX sparse initializers where that is
+    smaller (below a third non-zero for float32). ONNX Runtime densifies them on load: a smaller
+    file, not a faster model. Not for tensors stored as external data."""
     pattern: str = "unstructured"
     """'unstructured', or 'N:M' (e.g. '2:4' for NVIDIA sparse tensor cores): every M consecutive
     weights along each layer's reduction axis keep the N with the highest score. It sets each
@@ -156,6 +160,8 @@ class PruneConfig:
                 f"op_types must be a non-empty subset of {', '.join(PRUNABLE_OP_TYPES)}, got {ops}"
             )
         object.__setattr__(self, "op_types", ops)
+        if self.store not in ("dense", "sparse"):
+            raise ConfigError(f"store must be dense or sparse, got {self.store!r}")
         try:
             structure = parse_pattern(self.pattern)
         except ValueError as exc:

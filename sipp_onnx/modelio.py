@@ -305,6 +305,36 @@ def tensor_nbytes(tensor: onnx.TensorProto) -> int:
     return prod(tensor.dims) * np_dtype(tensor.data_type).itemsize
 
 
+def make_sparse(model: onnx.ModelProto, name: str) -> bool:
+    """Store the top-level initializer `name` as a sparse initializer when that is smaller.
+
+    ONNX's COO form holds each non-zero's value and its int64 position: (itemsize + 8) bytes
+    per non-zero against itemsize per element dense, so it pays below a density of
+    itemsize / (itemsize + 8) (a third for float32, 80 % sparsity for float16). ONNX Runtime
+    turns it back into a dense tensor when it loads the model. Returns whether it converted.
+    """
+    index = next((i for i, t in enumerate(model.graph.initializer) if t.name == name), None)
+    if index is None:
+        return False
+    tensor = model.graph.initializer[index]
+    if external_data_helper.uses_external_data(tensor):
+        return False
+    values = numpy_helper.to_array(tensor)
+    if values.dtype.kind not in "fiu" or values.ndim == 0:
+        return False
+    flat = values.reshape(-1)
+    positions = np.flatnonzero(flat)
+    if positions.size * (values.dtype.itemsize + 8) >= flat.size * values.dtype.itemsize:
+        return False
+    sparse = onnx.SparseTensorProto()
+    sparse.values.CopyFrom(numpy_helper.from_array(flat[positions], name))
+    sparse.indices.CopyFrom(numpy_helper.from_array(positions.astype(np.int64), f"{name}_indices"))
+    sparse.dims.extend(values.shape)
+    del model.graph.initializer[index]
+    model.graph.sparse_initializer.append(sparse)
+    return True
+
+
 def over_2gb(model: onnx.ModelProto) -> bool:
     """Whether `model` is too big to serialize as one protobuf.
 

@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from .modelio import (
     check_output_path,
     external_tensor_names,
     load_model,
+    make_sparse,
     model_files,
     model_inputs,
     over_2gb,
@@ -394,6 +395,8 @@ def apply(
                 prepared.weights.pop(w.name, None)
                 for layer in w.layers:
                     stats.pop(layer.node, None)
+        if config.store == "sparse":
+            _store_sparse(proto, found, layer_reports)
         checks: list[OutputCheck] = []
         provider = prepared.provider
 
@@ -445,6 +448,29 @@ def apply(
     # Given up to the writer, the model's external tensors are now the output's.
     base_dir = out_path.parent if out_path is not None and not copy_model else prepared.base_dir
     return PruneResult(proto, report, out_path, written, base_dir)
+
+
+def _store_sparse(proto: onnx.ModelProto, found: Discovery, layers: list[LayerReport]) -> None:
+    """Write the pruned initializers that are smaller sparse as sparse initializers."""
+    converted = []
+    for i, (w, layer) in enumerate(zip(found.weights, layers, strict=True)):
+        if (
+            w.source == "initializer"
+            and layer.kept < layer.nonzero_before
+            and make_sparse(proto, w.stored_name)
+        ):
+            layers[i] = replace(layer, stored_as="sparse")
+            converted.append(w.stored_name)
+    if converted:
+        log.warning(
+            "%d weight tensor(s) written as sparse initializers; ONNX Runtime makes them dense again "
+            "when it loads the model (a smaller file, not a faster model)",
+            len(converted),
+        )
+    else:
+        log.warning(
+            "--store sparse: no pruned tensor is smaller as a sparse initializer (needs < 1/3 non-zero)"
+        )
 
 
 def _check_covers(prepared: Prepared, config: PruneConfig) -> None:

@@ -76,6 +76,8 @@ class LayerReport:
     """The followed ops from `stored` to `weight`, e.g. 'DequantizeLinear -> Transpose[1, 0]'."""
     pattern: str = ""
     """With an N:M pattern: the pattern applied, or 'not applied: <why>' (left unpruned)."""
+    stored_as: str = "dense"
+    """'sparse' when written as an ONNX sparse initializer (--store sparse)."""
 
 
 @dataclass(frozen=True)
