@@ -255,11 +255,11 @@ def main() -> int:
         f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
         f"batch {args.batch_size}).",
         "",
-        "| model | method | refit | T_fwd (s) | T_prune (s) | ratio | wall (s) | load | capture "
-        "| sensitivity | selection | refit | save | peak MB "
+        "| model | method | refit | T_fwd (s) | T_prune (s) | ratio | wall (s) | load | session "
+        "| capture | sensitivity | selection | refit | save | peak MB "
         + " | ".join(f"({n} samples)" for n in mem_samples)
         + " |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(mem_samples),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(mem_samples),
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -289,7 +289,7 @@ def main() -> int:
                         )
                     cells = [
                         f"{t.get(k, 0.0):.2f}"
-                        for k in ("load", "capture", "sensitivity", "selection", "refit", "save")
+                        for k in ("load", "session", "capture", "sensitivity", "selection", "refit", "save")
                     ]
                     line = (
                         f"| {name} | {method} | {refit} | {t_fwd:.3f} | {t['total']:.2f} | "
