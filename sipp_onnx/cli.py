@@ -205,6 +205,15 @@ _MEASURE_OPTIONS = (
         callback=_split_op_types,
         help="Op types to prune.",
     ),
+    click.option(
+        "--pattern",
+        default="unstructured",
+        show_default=True,
+        help="unstructured, or N:M (e.g. 2:4 for NVIDIA sparse tensor cores via TensorRT): every M "
+        "consecutive weights along each layer's input channels keep the N with the highest score; "
+        "sets the sparsity of each layer it fits to 1 - N/M (--sparsity(ies) not used) and leaves "
+        "the others unpruned. `sipp-onnx check` verifies a model.",
+    ),
 )
 
 
@@ -254,15 +263,6 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "(one calibration pass per layer depth).",
 )
 @click.option(
-    "--pattern",
-    default="unstructured",
-    show_default=True,
-    help="unstructured, or N:M (e.g. 2:4 for NVIDIA sparse tensor cores via TensorRT): every M "
-    "consecutive weights along each layer's input channels keep the N with the highest score; "
-    "sets the sparsity of each layer it fits to 1 - N/M (--sparsity is not used) and leaves the "
-    "others unpruned. `sipp-onnx check` verifies a model.",
-)
-@click.option(
     "--store",
     type=click.Choice(["dense", "sparse"]),
     default="dense",
@@ -291,7 +291,6 @@ def prune(
     method: str,
     refit: str,
     sequential: bool,
-    pattern: str,
     store: str,
     report_path: Path | None,
     overwrite: bool,
@@ -310,7 +309,6 @@ def prune(
             refit=Refit(refit),
             sequential=sequential,
             verify=not no_verify,
-            pattern=pattern,
             store=store,
             **measure,
         )

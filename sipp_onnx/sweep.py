@@ -210,6 +210,8 @@ def sweep(
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     config = config or PruneConfig()
+    if config.structure is not None:  # the pattern sets the sparsity: one point per variant
+        sparsities = [config.sparsity]
     base = replace(config, sparsity=max(max(sparsities), 0.5), verify=False, sequential=False)
     t0 = time.perf_counter()
     prepared = prepare(

@@ -3,6 +3,8 @@ stored layout with plain loops, for every method, with and without refit."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -178,3 +180,27 @@ def test_cli_pattern(tmp_path, cli):
     bad = cli("prune", model, calib, "-o", tmp_path / "p.onnx", "--pattern", "2:5:1")
     assert bad.exit_code == 1 and bad.stderr.startswith("error: pattern must be")
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_sweep_with_a_pattern_has_one_point_per_method(tmp_path, cli):
+    model = tmp_path / "m.onnx"
+    onnx.save_model(every_kind(), str(model))
+    np.savez(tmp_path / "c.npz", x=X)
+    np.savez(tmp_path / "e.npz", x=gaussian_calibration((3, 6, 6), n=30, seed=5))
+    result = cli(
+        "sweep",
+        model,
+        tmp_path / "c.npz",
+        tmp_path / "e.npz",
+        "--methods",
+        "sipp-det,magnitude+none",
+        "--sparsities",
+        "0.3,0.5,0.7",
+        "--pattern",
+        "2:4",
+        "--out",
+        tmp_path / "sweep",
+    )
+    assert result.exit_code == 0, result.stderr
+    points = json.loads((tmp_path / "sweep" / "sweep.json").read_text())["points"]
+    assert [(p["variant"], p["sparsity"]) for p in points] == [("sipp-det+obs", 0.5), ("magnitude", 0.5)]
