@@ -123,6 +123,22 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
+def save_external(model: onnx.ModelProto, path: Path, one_file: bool = True) -> Path:
+    """Save with every tensor as external data beside `path` (`<name>.data`, or one file per
+    tensor), from a copy: onnx.save_model converts the model it is given in place."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location=path.name + ".data",
+        size_threshold=0,
+    )
+    return path
+
+
 def gaussian_calibration(shape, n: int = 64, seed: int = 1, nonneg: bool = False) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(n, *shape)).astype(np.float32)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import convnet, gaussian_calibration, mlp
+from builders import convnet, gaussian_calibration, mlp, save_external
 from onnx import external_data_helper, numpy_helper
 
 from sipp_onnx import ModelError, PruneConfig, modelio, prune_model, runtime
@@ -29,21 +29,6 @@ CONFIGS = [
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def save_external(model: onnx.ModelProto, path: Path, one_file: bool = True) -> Path:
-    """Save with every tensor external (on a copy: onnx.save_model converts the model in place)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=one_file,
-        location=path.name + ".data",
-        size_threshold=0,
-    )
-    return path
 
 
 def values(path: Path) -> dict[str, np.ndarray]:

@@ -350,25 +350,11 @@ def test_no_prunable_layer() -> None:
 # ----------------------------------------------------------------------------- external data
 
 
-def save_external(model: onnx.ModelProto, path: Path) -> Path:
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)  # onnx.save_model converts the model it is given in place
-    onnx.save_model(
-        copy,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=path.name + ".data",
-        size_threshold=0,
-    )
-    return path
-
-
 def test_external_data(tmp_path: Path, cli) -> None:
     weights = compliant_weights()
     weights["W_c"] = break_one(weights["W_c"], "conv", *BREAK["W_c"])
     model = zoo(weights)
-    path = save_external(model, tmp_path / "ext.onnx")
+    path = builders.save_external(model, tmp_path / "ext.onnx")
     stored = onnx.load(str(path), load_external_data=False)
     assert all(t.data_location == TensorProto.EXTERNAL for t in stored.graph.initializer)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from builders import convnet, gaussian_calibration, mlp
+from builders import convnet, gaussian_calibration, mlp, save_external
 
 from sipp_onnx import PruneConfig, prune_model, sizes
 
@@ -57,14 +57,11 @@ def test_prune_report_has_sizes_before_and_after(tmp_path: Path, cli):
 
 
 def test_external_data_counts_and_in_memory_models(tmp_path: Path):
-    copy = mlp()
-    onnx.save_model(
-        copy, str(tmp_path / "e.onnx"), save_as_external_data=True, location="e.data", size_threshold=0
-    )
+    save_external(mlp(), tmp_path / "e.onnx")
     result = prune_model(
         tmp_path / "e.onnx", {"x": gaussian_calibration((20,), n=8)}, output=tmp_path / "o.onnx"
     )
-    files = [tmp_path / "e.onnx", tmp_path / "e.data"]
+    files = [tmp_path / "e.onnx", tmp_path / "e.onnx.data"]
     assert result.report.size_before == sizes.files_size(files)
     assert result.report.size_after == sizes.files_size(result.written)
     in_memory = prune_model(mlp(), {"x": gaussian_calibration((20,), n=8)})
