@@ -127,16 +127,16 @@ def _global_top(
             key = flat(_live_key(key_of(i), weights[i], np.float64), i)
             flat(masks[i], i)[:] = _top(key, np.abs(flat(weights[i], i)), take)
     need = keep - sum(int(m.sum()) for m in masks)
+
+    def settle(tied: list[tuple[int, np.ndarray]], count: int) -> list[np.ndarray]:
+        flat_masks = [flat(m, i) for i, m in enumerate(masks)]
+        _take_ties(flat_masks, [flat(w, i) for i, w in enumerate(weights)], tied, count)
+        return masks
+
     if need <= 0:  # the floors alone fill the budget: the reserved entries tie at the top
         reserved = [(i, np.flatnonzero(flat(m, i))) for i, m in enumerate(masks)]
         masks = [np.zeros_like(m) for m in masks]
-        _take_ties(
-            [flat(m, i) for i, m in enumerate(masks)],
-            [flat(w, i) for i, w in enumerate(weights)],
-            reserved,
-            keep,
-        )
-        return masks
+        return settle(reserved, keep)
 
     ftype, utype = (np.float32, np.uint32) if narrow else (np.float64, np.uint64)
     width = 32 if narrow else 64
@@ -175,13 +175,7 @@ def _global_top(
             equal &= compete
         flat(masks[i], i)[:] |= above
         tied.append((i, np.flatnonzero(equal)))
-    _take_ties(
-        [flat(m, i) for i, m in enumerate(masks)],
-        [flat(w, i) for i, w in enumerate(weights)],
-        tied,
-        remaining,
-    )
-    return masks
+    return settle(tied, remaining)
 
 
 def _memory_order(array: np.ndarray) -> Literal["C", "F"]:
