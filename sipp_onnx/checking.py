@@ -225,7 +225,7 @@ def check_pattern(
         name, proto = "<in-memory model>", model
         directory = Path(base_dir) if base_dir is not None else None
     else:
-        name, proto = str(model), load_model(model, load_external=False)
+        name, proto = str(model), load_model(model)
         directory = Path(base_dir) if base_dir is not None else Path(model).parent
         check_external_data(proto, directory)
     found = discover(proto)

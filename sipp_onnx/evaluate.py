@@ -75,7 +75,7 @@ def _session_model(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto
     itself, so ORT finds external data beside it). Loading checks it: one-line errors."""
     if isinstance(model, onnx.ModelProto):
         return model, model
-    return load_model(model, load_external=False), Path(model)
+    return load_model(model), Path(model)
 
 
 class _Sums:

@@ -93,5 +93,5 @@ def inspect_model(
     """List prunable layers and skipped candidates of a model (path or ModelProto)."""
     if isinstance(model, onnx.ModelProto):
         return InspectReport("<in-memory model>", discover(model, op_types, exclude))
-    proto = load_model(model, load_external=False)
+    proto = load_model(model)
     return InspectReport(str(model), discover(proto, op_types, exclude))

@@ -54,8 +54,10 @@ class InputSpec:
         return f"{self.name}: {self.dtype} [{dims}]"
 
 
-def load_model(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
-    """Load and check a model file, turning every failure into a one-line `ModelError`."""
+def load_model(path: str | Path) -> onnx.ModelProto:
+    """Load and check a model file, turning every failure into a one-line `ModelError`.
+
+    External data is not loaded: tensors are read one at a time with `read_tensor`."""
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model file {str(path)!r} does not exist")
@@ -71,18 +73,7 @@ def load_model(path: str | Path, load_external: bool = True) -> onnx.ModelProto:
         onnx.checker.check_model(str(path))
     except Exception as exc:
         raise ModelError(f"{str(path)!r} is not a valid ONNX model: {_first_line(exc)}") from None
-    if load_external:
-        load_external_data(model, path)
     return model
-
-
-def load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    """Read the external tensors of `model`, loaded from `path` without them, into memory."""
-    check_external_data(model, path.parent)
-    try:
-        external_data_helper.load_external_data_for_model(model, str(path.parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise ModelError(f"model {str(path)!r} refers to external data that cannot be read: {exc}") from None
 
 
 def all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:

@@ -219,7 +219,7 @@ def prepare(
     t0 = time.perf_counter()
     model_path = Path(model) if not isinstance(model, onnx.ModelProto) else None
     if model_path is not None:
-        proto = load_model(model_path, load_external=False)
+        proto = load_model(model_path)
         external = external_tensor_names(proto)
         check_external_data(proto, model_path.parent)
         size_before: FileSize | None = files_size(model_files(proto, model_path))
