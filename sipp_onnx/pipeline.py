@@ -125,7 +125,7 @@ def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: s
     return to_rows(merged, weight.primary.layout)
 
 
-def _outputs_match(
+def outputs_match(
     session: ort.InferenceSession, feed: dict[str, np.ndarray], reference: dict[str, np.ndarray]
 ) -> list[OutputCheck]:
     names = list(reference)
@@ -404,7 +404,7 @@ def apply(
             if config.verify:
                 source = path if path is not None else proto
                 session, _ = make_session(source, Provider(provider), base_dir=prepared.base_dir)
-                checks.extend(_outputs_match(session, prepared.feed, prepared.reference))
+                checks.extend(outputs_match(session, prepared.feed, prepared.reference))
 
         written: list[Path] = []
         if out_path is not None:

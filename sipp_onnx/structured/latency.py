@@ -1,0 +1,64 @@
+"""ONNX Runtime latency of a model: what a user of the pruned model sees.
+
+Sessions run with ONNX Runtime's default graph optimizations on the CPU provider (or the one
+asked for), the same way a deployment would load the file. Each batch size is warmed up, then
+timed `runs` times; the median is reported (robust to the odd slow run on a shared machine).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..config import Provider
+from ..runtime import make_session
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median seconds per run at each batch size."""
+
+    batch: int
+    seconds: float
+    runs: int
+
+
+def feed_of(sample: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """A feed of `batch` samples, repeating `sample`'s samples as needed."""
+    feed = {}
+    for name, value in sample.items():
+        reps = -(-batch // value.shape[0])
+        feed[name] = np.concatenate([value] * reps, axis=0)[:batch] if value.ndim else value
+    return feed
+
+
+def measure_latency(
+    model: onnx.ModelProto | str | Path,
+    sample: Mapping[str, np.ndarray],
+    batches: tuple[int, ...],
+    *,
+    runs: int = 20,
+    warmup: int = 3,
+    provider: Provider = Provider.CPU,
+    base_dir: Path | None = None,
+) -> list[Latency]:
+    """Median latency of `model` at each batch size of `batches`, fed from `sample`."""
+    session, _ = make_session(model, provider, optimize=True, base_dir=base_dir)
+    out = []
+    for batch in batches:
+        feed = feed_of(sample, batch)
+        for _ in range(warmup):
+            session.run(None, feed)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        out.append(Latency(batch, statistics.median(times), runs))
+    return out
