@@ -9,6 +9,7 @@ so the writers' clean-up runs instead of the process dying with a temporary dire
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from . import __version__
 from .checking import check_pattern
@@ -26,10 +28,14 @@ from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction,
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
-from .modelio import check_output_path
+from .calibration import open_calibration
+from .modelio import check_output_path, load_model, model_inputs
 from .pattern import Pattern, parse_pattern
 from .pipeline import prune_model
 from .sizes import describe as describe_sizes
+from .structured.inspection import inspect_structured
+from .structured.latency import compare_latency
+from .structured.pipeline import StructuredConfig, prune_structured
 from .sweep import SWEEP_FILES, SweepPoint, Variant, sweep, write_sweep
 
 
@@ -271,6 +277,48 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "(below a third non-zero for float32). ONNX Runtime densifies them on load: a smaller file, "
     "not a faster model.",
 )
+@click.option(
+    "--structured",
+    is_flag=True,
+    help="Remove whole channels, neurons and attention heads (graph surgery: a smaller, faster model) "
+    "until --sparsity of the weight layers' MACs (or --target params) is gone.",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["macs", "params"]),
+    default="macs",
+    show_default=True,
+    help="--structured: what --sparsity counts.",
+)
+@click.option(
+    "--score",
+    type=click.Choice(["pfp", "l1", "act"]),
+    default="pfp",
+    show_default=True,
+    help="--structured: channel importance: pfp (max relative contribution at its consumers), l1 "
+    "(filter norm), act (activation variance x consumer column norm, FLAP).",
+)
+@click.option(
+    "--compensation",
+    type=click.Choice(["refit", "bias", "none"]),
+    default="refit",
+    show_default=True,
+    help="--structured: refit (least squares of each consumer's kept inputs), bias (fold the removed "
+    "channels' mean into the bias), none.",
+)
+@click.option(
+    "--channel-multiple",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="--structured: kept channel counts are multiples of this (heads count whole).",
+)
+@click.option(
+    "--latency",
+    is_flag=True,
+    help="--structured: measure ONNX Runtime latency before and after (batch 1 and the calibration "
+    "batch, median of 20 runs).",
+)
 @_measure_options
 @click.option(
     "--report",
@@ -292,6 +340,12 @@ def prune(
     refit: str,
     sequential: bool,
     store: str,
+    structured: bool,
+    target: str,
+    score: str,
+    compensation: str,
+    channel_multiple: int,
+    latency: bool,
     report_path: Path | None,
     overwrite: bool,
     no_verify: bool,
@@ -301,6 +355,12 @@ def prune(
 ) -> None:
     """Prune MODEL using CALIBRATION data (.npz keyed by input name, .npy, or a directory)."""
     _setup_logging(verbose, quiet)
+    written: list[Path] = []
+    if structured:
+        options = (target, score, compensation, channel_multiple, latency)
+        _run(lambda: _prune_structured(model, calibration, output, sparsity, options, report_path,
+                                       overwrite, no_verify, quiet, measure, written), written)
+        return
 
     def body() -> None:
         config = PruneConfig(
@@ -313,23 +373,13 @@ def prune(
             **measure,
         )
         out = output if output is not None else _default_output(model)
-        if report_path is not None:
-            check_output_path(model, report_path, overwrite, external=False)
-            if report_path.resolve() in (out.resolve(), out.resolve().with_name(out.name + ".data")):
-                raise OutputError(f"--report {str(report_path)!r} is the pruned model's own path")
+        _check_report_path(model, out, report_path, overwrite)
         result = prune_model(
             model, calibration, config, output=out, overwrite=overwrite, progress=_Progress(not quiet)
         )
         written.extend(result.written)
         report = result.report
-        if report_path is not None:
-            try:
-                report.write_json(report_path)
-            except BaseException:  # model and report are one result: all or nothing
-                _remove(written)
-                written.clear()
-                raise
-            written.append(report_path)
+        _write_report(report, report_path, written)
         if quiet:
             return
         click.echo(report.format_table())
@@ -367,8 +417,85 @@ def prune(
             click.echo(f"{len(report.skipped)} candidate(s) not pruned; see `sipp-onnx inspect`")
         click.echo(f"wrote {result.output}")
 
-    written: list[Path] = []
     _run(body, written)
+
+
+def _prune_structured(
+    model: Path,
+    calibration: Path,
+    output: Path | None,
+    sparsity: float,
+    options: tuple[str, str, str, int, bool],
+    report_path: Path | None,
+    overwrite: bool,
+    no_verify: bool,
+    quiet: bool,
+    measure: dict[str, Any],
+    written: list[Path],
+) -> None:
+    """`prune --structured`: the structured pipeline with the shared options that apply to it."""
+    if measure.get("pattern", "unstructured") != "unstructured":
+        raise ConfigError("--structured removes whole channels; --pattern N:M is for unstructured pruning")
+    target, score, compensation, multiple, latency = options
+    config = StructuredConfig(
+        sparsity=sparsity,
+        target=target,
+        score=score,
+        compensation=compensation,
+        channel_multiple=multiple,
+        max_samples=measure["max_samples"],
+        batch_size=measure["batch_size"],
+        max_points=measure["max_points"],
+        provider=Provider(measure["provider"]),
+        mask_input=measure["mask_input"],
+        exclude=measure["exclude"],
+        seed=measure["seed"],
+        verify=not no_verify,
+        latency=latency,
+    )
+    out = output if output is not None else _default_output(model)
+    _check_report_path(model, out, report_path, overwrite)
+    result = prune_structured(model, calibration, config, output=out, overwrite=overwrite,
+                              progress=_Progress(not quiet))
+    written.extend(result.written)
+    _write_report(result.report, report_path, written)
+    if quiet:
+        return
+    report = result.report
+    click.echo(report.format_table())
+    click.echo()
+    for line in report.summary():
+        click.echo(line)
+    click.echo(f"provider: {report.provider}; {report.samples} calibration samples")
+    for check in report.verification:
+        click.echo(
+            f"output {check.output!r}: relative L2 error {check.rel_l2_error:.4g}, "
+            f"cosine {check.cosine:.6f} vs the original (first calibration batch)"
+        )
+    click.echo("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items()))
+    if report.size_before is not None:
+        click.echo(describe_sizes(report.size_before, report.size_after))
+    click.echo(f"wrote {result.output}")
+
+
+def _check_report_path(model: Path, out: Path, report_path: Path | None, overwrite: bool) -> None:
+    if report_path is not None:
+        check_output_path(model, report_path, overwrite, external=False)
+        if report_path.resolve() in (out.resolve(), out.resolve().with_name(out.name + ".data")):
+            raise OutputError(f"--report {str(report_path)!r} is the pruned model's own path")
+
+
+def _write_report(report: Any, report_path: Path | None, written: list[Path]) -> None:
+    """Write the JSON report; model and report are one result: all or nothing."""
+    if report_path is None:
+        return
+    try:
+        report.write_json(report_path)
+    except BaseException:
+        _remove(written)
+        written.clear()
+        raise
+    written.append(report_path)
 
 
 def _default_output(model: Path) -> Path:
@@ -387,12 +514,19 @@ def _default_output(model: Path) -> Path:
     callback=_split_op_types,
     help="As for prune.",
 )
-def inspect(model: Path, as_json: bool, exclude: tuple[str, ...], op_types: tuple[str, ...]) -> None:
+@click.option("--structured", is_flag=True, help="List the channel groups (structured pruning) instead.")
+def inspect(
+    model: Path, as_json: bool, exclude: tuple[str, ...], op_types: tuple[str, ...], structured: bool
+) -> None:
     """List the prunable layers of MODEL and the candidates that are skipped, with the reason."""
     _setup_logging(False, False)
 
     def body() -> None:
         PruneConfig(exclude=exclude, op_types=op_types)  # validates the options
+        if structured:
+            groups = inspect_structured(model, exclude)
+            click.echo(json.dumps(groups.to_dict(), indent=2) if as_json else groups.format_table())
+            return
         report = inspect_model(model, op_types, exclude)
         if as_json:
             click.echo(json.dumps(report.to_dict(), indent=2))
@@ -466,6 +600,12 @@ def check_command(model: Path, pattern: Pattern, as_json: bool) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--provider", type=click.Choice([p.value for p in Provider]), default="auto", show_default=True)
+@click.option(
+    "--latency",
+    is_flag=True,
+    help="With --compare: ONNX Runtime CPU latency of both models at batch 1 and 32 (median of 20 runs, "
+    "measured alternately).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def eval_command(
     model: Path,
@@ -476,6 +616,7 @@ def eval_command(
     max_drop: float | None,
     batch_size: int,
     provider: str,
+    latency: bool,
     as_json: bool,
 ) -> None:
     """Accuracy of MODEL on DATA (.npz with the inputs and a labels array), and with --compare the
@@ -485,7 +626,11 @@ def eval_command(
     def body() -> int:
         if max_drop is not None and compare is None:
             raise ConfigError("--max-drop needs --compare PRUNED")
+        if latency and compare is None:
+            raise ConfigError("--latency needs --compare PRUNED")
         report = evaluate(model, data, compare, labels_key, output_name, batch_size, Provider(provider))
+        if latency and compare is not None:
+            report = dataclasses.replace(report, latency=_eval_latency(model, data, compare))
         if max_drop is not None and report.compare is not None and report.compare.accuracy_drop is None:
             raise ConfigError(f"--max-drop needs labels, and DATA has no {labels_key!r} array")
         if as_json:
@@ -502,6 +647,21 @@ def eval_command(
     sys.exit(code)
 
 
+def _eval_latency(model: Path, data: Path, compare: Path) -> dict[str, Any]:
+    """Latency of MODEL and the compared model, fed from DATA's first samples."""
+    specs = model_inputs(load_model(model))
+    with np.load(data, allow_pickle=False) as npz:
+        arrays = {spec.name: npz[spec.name][:32] for spec in specs if spec.name in npz.files}
+    sample = next(open_calibration(arrays, specs, 32).batches(32))
+    before, after = compare_latency(model, compare, sample, (1, 32), base_dir=model.parent)
+    return {
+        "batch": [b.batch for b in before],
+        "model_seconds": [b.seconds for b in before],
+        "compare_seconds": [a.seconds for a in after],
+        "runs": [a.runs for a in after],
+    }
+
+
 def _format_eval(report: EvalReport) -> str:
     lines = [f"samples: {report.model.samples} (output {report.output!r})"]
     if report.model.accuracy is not None:
@@ -513,6 +673,12 @@ def _format_eval(report: EvalReport) -> str:
         if c.top1_agreement is not None:
             lines.append(f"top-1 agreement: {c.top1_agreement:.2%}")
         lines.append(f"relative L2 error: {c.rel_l2_error:.4g}; mean cosine similarity: {c.cosine:.6f}")
+    if report.latency:
+        lat = report.latency
+        for batch, a, b in zip(lat["batch"], lat["model_seconds"], lat["compare_seconds"], strict=True):
+            lines.append(
+                f"ONNX Runtime CPU latency, batch {batch}: {a * 1e3:.2f} ms -> {b * 1e3:.2f} ms ({a / b:.2f}x)"
+            )
     return "\n".join(lines)
 
 

@@ -47,6 +47,8 @@ class EvalReport:
     output: str
     model: ModelScore
     compare: Comparison | None = None
+    latency: dict[str, Any] | None = None
+    """With `eval --latency`: per batch size, both models' median ONNX Runtime seconds."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

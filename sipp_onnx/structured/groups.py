@@ -151,6 +151,13 @@ class Plan:
     def params(self, keep: np.ndarray) -> int:
         return sum(self.layer_params(keep, i) for i in range(len(self.layers)))
 
+    def producers(self, group: Group) -> list[int]:
+        """Layers whose output channels are the group's (its MACs and parameters in reports)."""
+        return [
+            i for i in group.layers
+            if (out := self.layer_out[i]) is not None and int(self.group_of[out[0]]) == group.index
+        ]
+
     def all_kept(self) -> np.ndarray:
         return np.ones(len(self.roots), dtype=bool)
 

@@ -38,6 +38,36 @@ def feed_of(sample: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarra
     return feed
 
 
+def compare_latency(
+    dense: onnx.ModelProto | str | Path,
+    pruned: onnx.ModelProto | str | Path,
+    sample: Mapping[str, np.ndarray],
+    batches: tuple[int, ...],
+    *,
+    runs: int = 20,
+    provider: Provider = Provider.CPU,
+    base_dir: Path | None = None,
+) -> tuple[list[Latency], list[Latency]]:
+    """Latency of two models measured in alternating blocks of runs, so that a change in the
+    machine's load during the measurement affects both alike."""
+    before: list[list[Latency]] = []
+    after: list[list[Latency]] = []
+    block = max(1, runs // 4)
+    for _ in range(-(-runs // block)):
+        before.append(measure_latency(dense, sample, batches, runs=block, provider=provider, base_dir=base_dir))
+        after.append(measure_latency(pruned, sample, batches, runs=block, provider=provider, base_dir=base_dir))
+    return _merge(before), _merge(after)
+
+
+def _merge(blocks: list[list[Latency]]) -> list[Latency]:
+    """Median of the per-block medians, per batch size."""
+    out = []
+    for i, first in enumerate(blocks[0]):
+        values = [b[i].seconds for b in blocks]
+        out.append(Latency(first.batch, statistics.median(values), sum(b[i].runs for b in blocks)))
+    return out
+
+
 def measure_latency(
     model: onnx.ModelProto | str | Path,
     sample: Mapping[str, np.ndarray],

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..calibration import open_calibration
-from ..capture import Accumulator, capture
+from ..capture import Accumulator, CaptureResult, capture
 from ..config import Provider
 from ..errors import ConfigError, ModelError, NoPrunableLayersError
 from ..modelio import (
@@ -39,6 +39,7 @@ from ..modelio import (
 )
 from ..patches import output_spatial
 from ..pipeline import outputs_match
+from ..report import OutputCheck
 from ..runtime import make_session
 from ..sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
 from ..sizes import FileSize, bytes_size, files_size
@@ -46,7 +47,7 @@ from .allocate import allocate
 from .channels import ChannelGraph, build_channel_graph
 from .compensate import COMPENSATIONS, Compensation, compensate
 from .groups import Plan
-from .latency import Latency, measure_latency
+from .latency import Latency, compare_latency
 from .report import GroupReport, StructuredReport
 from .scores import SCORES, component_scores, layer_rows, scored_groups
 from .surgery import apply_surgery
@@ -152,6 +153,30 @@ def no_groups_message(plan: Plan) -> str:
     return f"no prunable channel group: {shown}"
 
 
+@dataclass
+class PreparedStructured:
+    """A loaded model, its channel groups and its calibration statistics: everything
+    `apply_structured` needs to prune it with any score, compensation and target, without
+    another calibration pass."""
+
+    model_path: Path
+    proto: onnx.ModelProto
+    external: frozenset[str]
+    plan: Plan
+    weights: dict[int, np.ndarray]
+    stats: dict[int, LayerStatistics]
+    captured: CaptureResult
+    config: StructuredConfig
+    timings: dict[str, float]
+    size_before: FileSize | None
+    warnings: list[str]
+    fixed_batch: int | None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.model_path.parent
+
+
 def prune_structured(
     model: str | Path,
     calibration: str | Path | Mapping[str, np.ndarray],
@@ -164,15 +189,27 @@ def prune_structured(
     """Remove channels, neurons and heads of `model` until `config.sparsity` of its weight
     layers' MACs (or parameters) is gone; write the result to `output` when given."""
     config = config or StructuredConfig()
-    timings: dict[str, float] = {}
+    if output is not None:
+        check_output_path(Path(model), Path(output), overwrite, False)  # fail before the long part
+    prepared = prepare_structured(model, calibration, config, progress)
+    return apply_structured(prepared, config, output=output, overwrite=overwrite, progress=progress)
+
+
+def prepare_structured(
+    model: str | Path,
+    calibration: str | Path | Mapping[str, np.ndarray],
+    config: StructuredConfig,
+    progress: Progress | None = None,
+    *,
+    everything: bool = False,
+) -> PreparedStructured:
+    """Load, find the groups and run the calibration pass once (measuring what `config` needs,
+    or with `everything` what any score and compensation needs)."""
     t0 = time.perf_counter()
     model_path = Path(model)
-    out_path = Path(output) if output is not None else None
     proto = load_model(model_path)
     external = external_tensor_names(proto)
     check_external_data(proto, model_path.parent)
-    if out_path is not None:
-        check_output_path(model_path, out_path, overwrite, bool(external))
     base_dir = model_path.parent
     size_before: FileSize | None = files_size(model_files(proto, model_path))
     plan = structured_plan(proto, base_dir, config.exclude)
@@ -186,20 +223,49 @@ def prune_structured(
     for i, w in weights.items():
         if not np.isfinite(w).all():
             raise ModelError(f"weight {plan.layers[i].weight!r} holds NaN/inf values; the model is broken")
-    timings["load"] = time.perf_counter() - t0
-
-    stats, shapes, captured = _calibrate(proto, plan, weights, data, config, mask_input, base_dir, progress)
+    timings = {"load": time.perf_counter() - t0}
+    sensitivity = everything or config.score == "pfp"
+    gram = everything or config.compensation != "none" or config.score == "act"
+    stats, shapes, captured = _calibrate(
+        proto, plan, weights, data, config, mask_input, base_dir, progress, sensitivity, gram
+    )
     timings.update(session=captured.session_seconds, capture=captured.run_seconds)
     timings["statistics"] = captured.stats_seconds
     _fill_positions(plan, shapes)
+    return PreparedStructured(
+        model_path, proto, external, plan, weights, stats, captured, config, timings, size_before,
+        list(data.warnings), data.fixed_batch,
+    )
 
-    t1 = time.perf_counter()
+
+def apply_structured(
+    prepared: PreparedStructured,
+    config: StructuredConfig,
+    *,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+) -> StructuredResult:
+    """Score, allocate, compensate, cut and (optionally) save a copy of the prepared model."""
+    plan, stats, weights, captured = prepared.plan, prepared.stats, prepared.weights, prepared.captured
+    base_dir = prepared.base_dir
+    if config.score == "pfp" and not any(st.sensitivity is not None for st in stats.values()):
+        raise ConfigError("the pfp score needs sensitivities; the calibration pass did not measure them")
+    if (config.compensation != "none" or config.score == "act") and not any(
+        st.gram is not None for st in stats.values()
+    ):
+        raise ConfigError("this compensation needs Gram matrices; the calibration pass did not measure them")
+    timings = dict(prepared.timings)
+    t0 = time.perf_counter()
+    out_path = Path(output) if output is not None else None
+    if out_path is not None:
+        check_output_path(prepared.model_path, out_path, overwrite, bool(prepared.external))
     scores = component_scores(plan, config.score, weights, stats)
     allowed = {g.index for g in plan.groups if g.prunable} & scored_groups(plan, stats)
     if not allowed:
         raise NoPrunableLayersError(no_groups_message(plan) + "; no group has a consumer layer to score it")
     allocation = allocate(plan, scores, config.sparsity, config.target, config.channel_multiple, allowed)
-    timings["allocate"] = time.perf_counter() - t1
+    timings["allocate"] = time.perf_counter() - t0
     if progress is not None:
         progress("allocate", 1, 1)
 
@@ -209,13 +275,13 @@ def prune_structured(
 
     t3 = time.perf_counter()
     pruned = onnx.ModelProto()
-    pruned.CopyFrom(proto)
+    pruned.CopyFrom(prepared.proto)
     apply_surgery(pruned, plan, allocation.keep, compensations, base_dir=base_dir)
     _check(pruned)
     timings["surgery"] = time.perf_counter() - t3
 
     t4 = time.perf_counter()
-    checks = []
+    checks: list[OutputCheck] = []
 
     def verify(path: Path | None) -> None:
         if config.verify:
@@ -225,27 +291,29 @@ def prune_structured(
 
     written: list[Path] = []
     if out_path is not None:
-        written = save_model_atomic(pruned, out_path, external, verify, base_dir)
+        written = save_model_atomic(pruned, out_path, prepared.external, verify, base_dir)
     else:
         verify(None)
     timings["save"] = time.perf_counter() - t4
-    timings["total"] = time.perf_counter() - t0
+    timings["total"] = sum(timings.get(k, 0.0) for k in ("load", "session", "capture", "statistics"))
+    timings["total"] += time.perf_counter() - t0
 
     before: list[Latency] = []
     after: list[Latency] = []
     if config.latency:
         t5 = time.perf_counter()
-        batches = tuple(dict.fromkeys((1, data.fixed_batch or config.batch_size)))
+        batches = tuple(dict.fromkeys((1, prepared.fixed_batch or config.batch_size)))
         sample = captured.first_feed
-        before = measure_latency(model_path, sample, batches, runs=config.latency_runs)
-        target = written[0] if written else pruned
-        after = measure_latency(target, sample, batches, runs=config.latency_runs, base_dir=base_dir)
+        before, after = compare_latency(
+            prepared.model_path, written[0] if written else pruned, sample, batches,
+            runs=config.latency_runs, base_dir=base_dir,
+        )
         timings["latency"] = time.perf_counter() - t5
 
     report = _report(
-        model_path, out_path, config, plan, allocation.keep, compensations, captured.samples,
+        prepared.model_path, out_path, config, plan, allocation.keep, compensations, captured.samples,
         captured.provider, timings, checks, (before, after),
-        (size_before, files_size(written) if written else None), list(data.warnings),
+        (prepared.size_before, files_size(written) if written else None), prepared.warnings,
     )
     return StructuredResult(pruned, report, out_path, written)
 
@@ -259,12 +327,12 @@ def _calibrate(
     mask_input: str | None,
     base_dir: Path,
     progress: Progress | None,
-) -> tuple[dict[int, LayerStatistics], dict[int, tuple[int, ...]], object]:
+    sensitivity: bool,
+    gram: bool,
+) -> tuple[dict[int, LayerStatistics], dict[int, tuple[int, ...]], CaptureResult]:
     """One pass: every consumer's input into an accumulator (sensitivities for PFP, Gram
     matrices for the refit and the activation score); the input shape of every layer whose
     positions per sample the graph does not fix."""
-    sensitivity = config.score == "pfp"
-    gram = config.compensation != "none" or config.score == "act"
     samples = getattr(data, "samples", 1)
     cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
     accs: dict[str, list[Accumulator]] = {}
@@ -350,7 +418,7 @@ def _report(
     samples: int,
     provider: str,
     timings: dict[str, float],
-    checks: list,  # type: ignore[type-arg]
+    checks: list[OutputCheck],
     latency: tuple[list[Latency], list[Latency]],
     sizes: tuple[FileSize | None, FileSize | None],
     warnings: list[str],
@@ -358,7 +426,7 @@ def _report(
     dense = plan.all_kept()
     groups = []
     for g in plan.groups:
-        producers = [i for i in g.layers if plan.layer_out[i] is not None and i in _out_layers(plan, g)]
+        producers = plan.producers(g)
         consumers = [i for i in g.layers if plan.layer_in[i] is not None and i in compensations]
         consumers = [i for i in consumers if np.isin(plan.layer_in[i], g.components).any()]  # type: ignore[arg-type]
         kept_units = int(keep[g.components].sum())
@@ -407,9 +475,3 @@ def _report(
         warnings=warnings,
         versions={"sipp-onnx": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     )
-
-
-def _out_layers(plan: Plan, group: object) -> set[int]:
-    """Layers whose output channels are in `group`."""
-    comps = set(getattr(group, "components").tolist())
-    return {i for i, out in enumerate(plan.layer_out) if out is not None and int(out[0]) in comps}

@@ -5,9 +5,10 @@ layers (see `allocate`):
 
 - 'pfp' (PFP, Liebenwein et al. 2020): the largest relative contribution a channel makes to any
   pre-activation of any consumer, over the calibration points: the max over rows and kernel
-  positions of SiPP's weight sensitivities (`|w_ij a_j| / sum_k |w_ik a_k|`, reduced by max),
-  taken over every consumer of the component. Removing a set R of channels changes each
-  consumer output by at most `sum_{j in R} s_j` times its absolute mass: the scores of a group
+  positions of SiPP's weight sensitivities (`|w_ij a_j| / sum_k |w_ik a_k|`, reduced by max).
+  A component with several positions in one consumer (a head's dims, the columns of a
+  flattened channel) adds them up; over consumers the max is taken. Removing a set R changes
+  each consumer output by at most the sum of R's scores times its absolute mass: the scores
   add up to an error bound.
 - 'l1' (Li et al. 2017): the L1 norm of the channel's filters in the layers that produce it,
   as a share of its group's total (weights alone say nothing about other layers).
@@ -60,7 +61,11 @@ def component_scores(
             st = stats.get(i)
             if comps is None or st is None or st.sensitivity is None:
                 continue
-            np.maximum.at(score, comps, per_position(layer, st.sensitivity.max(axis=0), "max"))
+            # per consumer, a component's positions (a head's dims, a flattened channel's
+            # columns) add up: together they bound its share of that consumer's output
+            here = np.zeros(n, dtype=np.float64)
+            np.add.at(here, comps, per_position(layer, st.sensitivity.max(axis=0), "max"))
+            np.maximum(score, here, out=score)
         return score
     if method == "act":
         for i, layer in enumerate(plan.layers):

@@ -14,7 +14,7 @@ Split and Slice constants always get new initializers for the same reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class _Context:
     base_dir: Path | None
     readers: dict[str, int]
     taken: set[str]
+    orphaned: set[str] = field(default_factory=set)
 
     def unique(self, base: str) -> str:
         name, n = base, 0
@@ -66,7 +67,23 @@ class _Context:
         node.input[slot] = name
         self.readers[old] = self.readers.get(old, 1) - 1
         self.readers[name] = 1
+        if self.readers[old] <= 0:
+            self.orphaned.add(old)
         return tensor
+
+    def drop_orphans(self) -> None:
+        """Remove the initializers and Constant nodes that only the rewritten inputs read."""
+        gone = {name for name in self.orphaned if self.readers.get(name, 0) <= 0}
+        if not gone:
+            return
+        inits = [t for t in self.model.graph.initializer if t.name not in gone]
+        if len(inits) != len(self.model.graph.initializer):
+            del self.model.graph.initializer[:]
+            self.model.graph.initializer.extend(inits)
+        nodes = [n for n in self.model.graph.node if not (n.op_type == "Constant" and n.output[0] in gone)]
+        if len(nodes) != len(self.model.graph.node):
+            del self.model.graph.node[:]
+            self.model.graph.node.extend(nodes)
 
 
 def _context(model: onnx.ModelProto, base_dir: Path | None) -> _Context:
@@ -142,6 +159,7 @@ def apply_surgery(
                 if attr.name == "group":
                     attr.i = groups
     _drop_value_info(model, plan)
+    ctx.drop_orphans()
 
 
 def _shift_bias(ctx: _Context, plan: Plan, i: int, shift: np.ndarray) -> None:
