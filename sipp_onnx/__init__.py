@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
 from .inspection import inspect_model  # noqa: E402
 from .pipeline import PruneResult, prune_model  # noqa: E402
 from .report import PruneReport  # noqa: E402
+from .structured.pipeline import StructuredConfig, StructuredResult, prune_structured  # noqa: E402
 
 __all__ = [
     "CalibrationError",
@@ -39,10 +40,13 @@ __all__ = [
     "Reduction",
     "Refit",
     "SippError",
+    "StructuredConfig",
+    "StructuredResult",
     "Terms",
     "__version__",
     "check_pattern",
     "discover",
     "inspect_model",
     "prune_model",
+    "prune_structured",
 ]

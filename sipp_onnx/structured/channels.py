@@ -31,8 +31,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
 from math import prod
+from typing import Any
 
 import numpy as np
 import onnx
@@ -45,16 +45,61 @@ from ..patches import output_spatial
 log = logging.getLogger(__name__)
 
 UNARY_OPS = frozenset(
-    "Relu Sigmoid Tanh HardSwish HardSigmoid LeakyRelu Elu Selu Celu Softplus Softsign Erf Gelu Mish "
-    "Abs Neg Sqrt Exp Log Reciprocal Identity Dropout Cast ThresholdedRelu Clip Sin Cos Floor Ceil "
-    "Round Sign Not IsNaN IsInf".split()
+    [
+        "Relu",
+        "Sigmoid",
+        "Tanh",
+        "HardSwish",
+        "HardSigmoid",
+        "LeakyRelu",
+        "Elu",
+        "Selu",
+        "Celu",
+        "Softplus",
+        "Softsign",
+        "Erf",
+        "Gelu",
+        "Mish",
+        "Abs",
+        "Neg",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Reciprocal",
+        "Identity",
+        "Dropout",
+        "Cast",
+        "ThresholdedRelu",
+        "Clip",
+        "Sin",
+        "Cos",
+        "Floor",
+        "Ceil",
+        "Round",
+        "Sign",
+        "Not",
+        "IsNaN",
+        "IsInf",
+    ]
 )
 """Element-wise ops of one tensor: extra inputs (Clip's bounds, Dropout's ratio) are scalars."""
-POOL_OPS = frozenset("MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool GlobalLpPool".split())
-BINARY_OPS = frozenset("Add Sub Mul Div Max Min Pow Sum Mean".split())
+POOL_OPS = frozenset(
+    ["MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"]
+)
+BINARY_OPS = frozenset(["Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "Sum", "Mean"])
 REDUCE_OPS = frozenset(
-    "ReduceMean ReduceSum ReduceMax ReduceMin ReduceProd ReduceL1 ReduceL2 ReduceLogSum "
-    "ReduceLogSumExp ReduceSumSquare".split()
+    [
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceMax",
+        "ReduceMin",
+        "ReduceProd",
+        "ReduceL1",
+        "ReduceL2",
+        "ReduceLogSum",
+        "ReduceLogSumExp",
+        "ReduceSumSquare",
+    ]
 )
 LAYER_OPS = frozenset(("Conv", "Gemm", "MatMul"))
 
@@ -511,9 +556,7 @@ class _Walker:
                 raise _Stop(f"{node.op_type} operand {name!r} does not match the channels")
             if not self.is_constant(name):
                 raise _Stop(f"{node.op_type} with {name!r}, whose channels cannot be removed")
-            self.edits.append(
-                Edit("slice", index, i, plain[0], axis=len(self.shape(name) or ()) + axis)
-            )
+            self.edits.append(Edit("slice", index, i, plain[0], axis=len(self.shape(name) or ()) + axis))
         self.set_layout(out, first, axis)
 
     def dim_at(self, name: str, axis: int) -> int | None:
@@ -564,7 +607,10 @@ class _Walker:
                     raise _Stop("Concat of tensors whose channel axes differ")
         if channel_axis != axis:  # along another axis: every input must carry the same channels
             layouts = [self.layouts.get(n) for n in node.input]
-            if any(lay is None for lay in layouts) or len({len(lay) for lay in layouts if lay is not None}) != 1:
+            if (
+                any(lay is None for lay in layouts)
+                or len({len(lay) for lay in layouts if lay is not None}) != 1
+            ):
                 raise _Stop("Concat along another axis of tensors that are not all channel tensors")
             for lay in layouts[1:]:
                 self.union(layouts[0], lay)  # type: ignore[arg-type]
@@ -816,8 +862,8 @@ class _Walker:
         inner = in_shape[channel + 1 :]
         if axis == -1 and out_rank == rank + 1 and out_shape[-1] and out_shape[-2]:
             heads, dim = out_shape[-2], out_shape[-1]
-            if heads * dim == c and None not in out_shape[-2:]:  # type: ignore[operator]
-                self.split_heads(index, node, nodes, heads, dim, rank)  # type: ignore[arg-type]
+            if heads * dim == c and None not in out_shape[-2:]:
+                self.split_heads(index, node, nodes, heads, dim, rank)
                 return
         if None in inner:
             raise _Stop("Reshape of a tensor with unknown sizes after the channel axis")
@@ -854,7 +900,9 @@ class _Walker:
             raise _Stop("Reshape target copies a dimension that changes")
         self.edits.append(Edit("shape", at, slot, tensor, element=where, divisor=divisor))
 
-    def shape_source(self, index: int, node: onnx.NodeProto, element: int) -> tuple[int, int, int, int] | None:
+    def shape_source(
+        self, index: int, node: onnx.NodeProto, element: int
+    ) -> tuple[int, int, int, int] | None:
         """(node index, input index, element in that input, current value) of the constant that
         gives element `element` of a Reshape's target: the target itself, or an input of the
         Concat that builds it."""
@@ -1011,12 +1059,27 @@ class _Walker:
         elif in_shape is not None and len(in_shape) == n + 2 and None not in in_shape[2:]:
             positions = prod(output_spatial(geom, tuple(in_shape[2:])))  # type: ignore[arg-type]
         return LayerInfo(
-            index, self.label(index), "Conv", node.input[1], node.input[0], node.output[0], shape,
-            prod(shape[2:]), geom.group, positions, False, False, conv=geom,
+            index,
+            self.label(index),
+            "Conv",
+            node.input[1],
+            node.input[0],
+            node.output[0],
+            shape,
+            prod(shape[2:]),
+            geom.group,
+            positions,
+            False,
+            False,
+            conv=geom,
         )
 
     def dense_info(
-        self, index: int, node: onnx.NodeProto, shape: tuple[int, ...], in_shape: tuple[int | None, ...] | None
+        self,
+        index: int,
+        node: onnx.NodeProto,
+        shape: tuple[int, ...],
+        in_shape: tuple[int | None, ...] | None,
     ) -> LayerInfo:
         positions: int | None = 1
         if node.op_type == "MatMul":
@@ -1031,8 +1094,20 @@ class _Walker:
                 if self.is_constant(other) and self.dim_at(other, -1) == shape[-1]:
                     bias_add = users[0]
         return LayerInfo(
-            index, self.label(index), node.op_type, node.input[1], node.input[0], node.output[0], shape,
-            1, 1, positions, False, False, transpose_b=bool(_attr(node, "transB", 0)), bias_add=bias_add,
+            index,
+            self.label(index),
+            node.op_type,
+            node.input[1],
+            node.input[0],
+            node.output[0],
+            shape,
+            1,
+            1,
+            positions,
+            False,
+            False,
+            transpose_b=bool(_attr(node, "transB", 0)),
+            bias_add=bias_add,
         )
 
     def grouped_conv(self, index: int, node: onnx.NodeProto, info: LayerInfo, layer: int) -> None:
@@ -1044,7 +1119,9 @@ class _Walker:
         out_shape = self.shape(out)
         self.set_layout(out, out_nodes, (1 - len(out_shape)) if out_shape else -3)
         if act not in self.layouts or len(self.layouts[act]) != info.in_channels:
-            self.freeze(out_nodes, f"grouped conv {self.label(index)!r} reads channels that cannot be removed")
+            self.freeze(
+                out_nodes, f"grouped conv {self.label(index)!r} reads channels that cannot be removed"
+            )
             self.layers.append(_replace(info, out_layout=True))
             return
         in_nodes = self.layouts[act]
@@ -1103,7 +1180,12 @@ class _Walker:
         raise _Stop("attention MatMul of an unexpected layout")
 
 
-_FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+_FLOAT_TYPES = (
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.BFLOAT16,
+)
 
 
 def _replace(info: LayerInfo, **changes: Any) -> LayerInfo:

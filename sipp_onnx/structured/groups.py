@@ -87,15 +87,15 @@ class Plan:
         for node, layer in enumerate(origin.tolist()):
             members[int(self.component[node])].add(layer)
         readers: list[set[int]] = [set() for _ in range(n)]
-        for i, comps in enumerate(self.layer_in):
-            if comps is not None:
-                for c in np.unique(comps).tolist():
+        for i, read in enumerate(self.layer_in):
+            if read is not None:
+                for c in np.unique(read).tolist():
                     readers[c].add(i)
         by_signature: dict[tuple[int, ...], list[int]] = {}
         for c in range(n):
             key = tuple(sorted(members[c]))
             by_signature.setdefault(key, []).append(c)
-        groups = []
+        groups: list[Group] = []
         for key, comps in sorted(by_signature.items(), key=lambda kv: min(kv[1])):
             producers = [k for k in key if k >= 0]
             first = self.layers[producers[0]] if producers else None
@@ -110,7 +110,7 @@ class Plan:
                 kind = "channels"
             else:
                 kind = "neurons"
-            touched = sorted(set(producers) | set().union(*(readers[c] for c in comps)))
+            touched = sorted(set(producers).union(*(readers[c] for c in comps)))
             frozen = [c for c in comps if self.frozen[c]]
             reasons = tuple(dict.fromkeys(self.frozen_reason[c] for c in frozen))
             groups.append(
@@ -154,7 +154,8 @@ class Plan:
     def producers(self, group: Group) -> list[int]:
         """Layers whose output channels are the group's (its MACs and parameters in reports)."""
         return [
-            i for i in group.layers
+            i
+            for i in group.layers
             if (out := self.layer_out[i]) is not None and int(self.group_of[out[0]]) == group.index
         ]
 

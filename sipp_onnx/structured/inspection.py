@@ -28,7 +28,7 @@ class StructuredInspection:
     def to_dict(self) -> dict[str, Any]:
         out = json_safe(asdict(self))
         out["prunable_groups"] = self.prunable
-        return out  # type: ignore[no-any-return]
+        return out
 
     def format_table(self) -> str:
         lines = [format_groups(self.groups, with_errors=False), ""]
@@ -47,8 +47,19 @@ def group_reports(plan: Plan) -> list[GroupReport]:
         params = sum(plan.layer_params(keep, i) for i in producers)
         out.append(
             GroupReport(
-                g.name, g.kind, g.size * g.width, g.size * g.width, g.size, g.size, macs, macs, params, params,
-                tuple(plan.layers[i].name for i in g.layers), g.frozen, g.reasons,
+                g.name,
+                g.kind,
+                g.size * g.width,
+                g.size * g.width,
+                g.size,
+                g.size,
+                macs,
+                macs,
+                params,
+                params,
+                tuple(plan.layers[i].name for i in g.layers),
+                g.frozen,
+                g.reasons,
             )
         )
     return out

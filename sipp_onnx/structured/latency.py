@@ -54,8 +54,12 @@ def compare_latency(
     after: list[list[Latency]] = []
     block = max(1, runs // 4)
     for _ in range(-(-runs // block)):
-        before.append(measure_latency(dense, sample, batches, runs=block, provider=provider, base_dir=base_dir))
-        after.append(measure_latency(pruned, sample, batches, runs=block, provider=provider, base_dir=base_dir))
+        before.append(
+            measure_latency(dense, sample, batches, runs=block, provider=provider, base_dir=base_dir)
+        )
+        after.append(
+            measure_latency(pruned, sample, batches, runs=block, provider=provider, base_dir=base_dir)
+        )
     return _merge(before), _merge(after)
 
 

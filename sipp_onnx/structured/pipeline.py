@@ -32,17 +32,17 @@ from ..modelio import (
     model_files,
     model_inputs,
     over_2gb,
+    read_tensor,
     resolve_mask_input,
     save_model_atomic,
     tensor_protos,
-    read_tensor,
 )
 from ..patches import output_spatial
 from ..pipeline import outputs_match
 from ..report import OutputCheck
 from ..runtime import make_session
 from ..sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
-from ..sizes import FileSize, bytes_size, files_size
+from ..sizes import FileSize, files_size
 from .allocate import allocate
 from .channels import ChannelGraph, build_channel_graph
 from .compensate import COMPENSATIONS, Compensation, compensate
@@ -233,8 +233,18 @@ def prepare_structured(
     timings["statistics"] = captured.stats_seconds
     _fill_positions(plan, shapes)
     return PreparedStructured(
-        model_path, proto, external, plan, weights, stats, captured, config, timings, size_before,
-        list(data.warnings), data.fixed_batch,
+        model_path,
+        proto,
+        external,
+        plan,
+        weights,
+        stats,
+        captured,
+        config,
+        timings,
+        size_before,
+        list(data.warnings),
+        data.fixed_batch,
     )
 
 
@@ -305,15 +315,29 @@ def apply_structured(
         batches = tuple(dict.fromkeys((1, prepared.fixed_batch or config.batch_size)))
         sample = captured.first_feed
         before, after = compare_latency(
-            prepared.model_path, written[0] if written else pruned, sample, batches,
-            runs=config.latency_runs, base_dir=base_dir,
+            prepared.model_path,
+            written[0] if written else pruned,
+            sample,
+            batches,
+            runs=config.latency_runs,
+            base_dir=base_dir,
         )
         timings["latency"] = time.perf_counter() - t5
 
     report = _report(
-        prepared.model_path, out_path, config, plan, allocation.keep, compensations, captured.samples,
-        captured.provider, timings, checks, (before, after),
-        (prepared.size_before, files_size(written) if written else None), prepared.warnings,
+        prepared.model_path,
+        out_path,
+        config,
+        plan,
+        allocation.keep,
+        compensations,
+        captured.samples,
+        captured.provider,
+        timings,
+        checks,
+        (before, after),
+        (prepared.size_before, files_size(written) if written else None),
+        prepared.warnings,
     )
     return StructuredResult(pruned, report, out_path, written)
 
@@ -343,7 +367,9 @@ def _calibrate(
             rows = layer_rows(layer, weights[i])
             acc: DenseAccumulator | ConvAccumulator
             if layer.conv is not None:
-                acc = ConvAccumulator(rows, layer.conv, "max", sensitivity, "absolute", gram, cap, config.seed)
+                acc = ConvAccumulator(
+                    rows, layer.conv, "max", sensitivity, "absolute", gram, cap, config.seed
+                )
             else:
                 acc = DenseAccumulator(rows, False, sensitivity, "max", "absolute", gram, cap, config.seed)
             accs.setdefault(layer.input, []).append(acc)

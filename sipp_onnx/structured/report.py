@@ -77,7 +77,7 @@ class StructuredReport:
         out = json_safe(asdict(self))
         out["macs_removed"] = self.macs_removed
         out["params_removed"] = self.params_removed
-        return out  # type: ignore[no-any-return]
+        return out
 
     def write_json(self, path: str | Path) -> None:
         write_text_atomic(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
@@ -95,7 +95,8 @@ class StructuredReport:
         for before, after in zip(self.latency_before, self.latency_after, strict=True):
             lines.append(
                 f"ONNX Runtime latency, batch {before.batch}: {before.seconds * 1e3:.2f} ms -> "
-                f"{after.seconds * 1e3:.2f} ms ({before.seconds / after.seconds:.2f}x, median of {after.runs})"
+                f"{after.seconds * 1e3:.2f} ms ({before.seconds / after.seconds:.2f}x, "
+                f"median of {after.runs})"
             )
         return lines
 
@@ -115,13 +116,17 @@ def format_groups(groups: list[GroupReport], with_errors: bool) -> str:
     lines = [header]
     for g in groups:
         name = g.name if len(g.name) <= 44 else "..." + g.name[-41:]
-        units = f"{g.units_before}" if g.units_after == g.units_before else f"{g.units_before}->{g.units_after}"
+        units = (
+            f"{g.units_before}" if g.units_after == g.units_before else f"{g.units_before}->{g.units_after}"
+        )
         chans = (
             f"{g.channels_before}"
             if g.channels_after == g.channels_before
             else f"{g.channels_before}->{g.channels_after}"
         )
-        macs = _h(g.macs_before) if g.macs_after == g.macs_before else f"{_h(g.macs_before)}->{_h(g.macs_after)}"
+        macs = (
+            _h(g.macs_before) if g.macs_after == g.macs_before else f"{_h(g.macs_before)}->{_h(g.macs_after)}"
+        )
         line = f"{name:44s} {g.kind:8s} {units:>11s} {chans:>11s} {macs:>17s}"
         if with_errors:
             err = "" if g.error_after is None else f"{g.error_none:.3f}->{g.error_after:.3f}"

@@ -57,7 +57,9 @@ class _Context:
         values = self.read(name)
         return self.new_initializer(node, slot, values, name)
 
-    def new_initializer(self, node: onnx.NodeProto, slot: int, values: np.ndarray, base: str) -> onnx.TensorProto:
+    def new_initializer(
+        self, node: onnx.NodeProto, slot: int, values: np.ndarray, base: str
+    ) -> onnx.TensorProto:
         old = node.input[slot]
         name = self.unique(f"{base}_sipp_s")
         tensor = numpy_helper.from_array(np.ascontiguousarray(values), name)
@@ -116,6 +118,7 @@ def apply_surgery(
     """Rewrite `model` (see the module docstring). `compensations` is keyed by layer index."""
     ctx = _context(model, base_dir)
     nodes = model.graph.node
+    edits = list(plan.graph.edits)
     for i, comp in compensations.items():
         layer = plan.layers[i]
         node = nodes[layer.node]
@@ -123,12 +126,14 @@ def apply_surgery(
         dtype = tensor.data_type
         values = from_rows(comp.rows, weight_layout(layer), layer.weight_shape)
         write_tensor(tensor, values.astype(helper.tensor_dtype_to_np_dtype(dtype)))
-        if comp.bias_shift is not None:
-            _shift_bias(ctx, plan, i, comp.bias_shift)
+        if comp.bias_shift is not None and _shift_bias(ctx, plan, i, comp.bias_shift):
+            layer = plan.layers[i]
+            if layer.out_layout:  # a bias added to a layer whose outputs are pruned too
+                edits.append(Edit("slice", layer.node, 2, layer.output, axis=0))
     if not slice_channels:
         return
     by_input: dict[tuple[int, int], list[Edit]] = {}
-    for edit in plan.graph.edits:
+    for edit in edits:
         by_input.setdefault((edit.node, edit.input), []).append(edit)
     for (index, slot), edits in by_input.items():
         node = nodes[index]
@@ -162,8 +167,9 @@ def apply_surgery(
     ctx.drop_orphans()
 
 
-def _shift_bias(ctx: _Context, plan: Plan, i: int, shift: np.ndarray) -> None:
-    """Add `shift` (one value per output of layer i) to its bias, adding a bias where it has none."""
+def _shift_bias(ctx: _Context, plan: Plan, i: int, shift: np.ndarray) -> bool:
+    """Add `shift` (one value per output of layer i) to its bias, adding a bias where it has none
+    (then True: the new bias must be sliced with the layer's outputs)."""
     layer = plan.layers[i]
     node = ctx.model.graph.node[layer.node]
     if layer.bias_add is not None:
@@ -180,8 +186,7 @@ def _shift_bias(ctx: _Context, plan: Plan, i: int, shift: np.ndarray) -> None:
         while len(node.input) < 2:
             node.input.append("")
         node.input.append(name)
-        _register_bias_slice(plan, i, layer)
-        return
+        return True
     tensor = ctx.exclusive(add, slot)
     current = read_tensor(tensor, ctx.base_dir)
     scale = 1.0
@@ -189,14 +194,7 @@ def _shift_bias(ctx: _Context, plan: Plan, i: int, shift: np.ndarray) -> None:
         scale = next((a.f for a in node.attribute if a.name == "beta"), 1.0) or 1.0
     new = current.astype(np.float64) + np.broadcast_to(shift / scale, current.shape[-1:])
     write_tensor(tensor, new.astype(current.dtype))
-
-
-def _register_bias_slice(plan: Plan, i: int, layer: LayerInfo) -> None:
-    """A bias added to a layer whose outputs are pruned too must be sliced with them."""
-    if layer.out_layout and not any(
-        e.node == layer.node and e.input == 2 and e.kind == "slice" for e in plan.graph.edits
-    ):
-        plan.graph.edits.append(Edit("slice", layer.node, 2, layer.output, axis=0))
+    return False
 
 
 def _split(ctx: _Context, node: onnx.NodeProto, plan: Plan, keep: np.ndarray, edit: Edit) -> None:
