@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -68,6 +69,17 @@ class Provider(StrEnum):
 
 
 PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
+
+
+def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:
+    """`--exclude` regexes as a tuple, each checked to compile (one-line ConfigError if not)."""
+    out = tuple(patterns)
+    for pattern in out:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -147,12 +159,7 @@ class PruneConfig:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         if not isinstance(self.mask_input, str) or not self.mask_input:
             raise ConfigError(f"mask_input must be 'auto', 'none' or an input name, got {self.mask_input!r}")
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
         ops = tuple(self.op_types)
         unknown = [op for op in ops if op not in PRUNABLE_OP_TYPES]
         if unknown or not ops:

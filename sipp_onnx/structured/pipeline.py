@@ -22,7 +22,7 @@ import onnxruntime as ort
 from .. import __version__
 from ..calibration import open_calibration
 from ..capture import Accumulator, CaptureResult, capture
-from ..config import Provider
+from ..config import Provider, exclude_patterns
 from ..errors import ConfigError, ModelError, NoPrunableLayersError
 from ..modelio import (
     check_external_data,
@@ -95,12 +95,7 @@ class StructuredConfig:
         if self.latency_runs < 1:
             raise ConfigError(f"latency_runs must be a positive integer, got {self.latency_runs}")
         object.__setattr__(self, "provider", Provider(self.provider))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        for pattern in self.exclude:
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"exclude pattern {pattern!r} is not a valid regex: {exc}") from None
+        object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
 
 
 @dataclass
