@@ -67,7 +67,9 @@ def _masked_and_sliced(
     path: Path, calib: dict[str, np.ndarray], compensation: str, sparsity: float = 0.4
 ) -> tuple[onnx.ModelProto, onnx.ModelProto, float]:
     """The masked model (compensation written, nothing removed) and the sliced one."""
-    config = StructuredConfig(sparsity=sparsity, compensation=compensation, channel_multiple=1, verify=False)
+    config = StructuredConfig(
+        sparsity=sparsity, compensation=compensation, channel_multiple=1, verify=False, probe=False
+    )
     prepared = prepare_structured(path, calib, config)
     result = apply_structured(prepared, config)
     from sipp_onnx.structured.allocate import allocate
@@ -160,6 +162,16 @@ def test_compensation_beats_none_on_the_consumers(tmp_path: Path) -> None:
         ).report
         errors[comp] = report.verification[0].rel_l2_error
     assert errors["refit"] <= errors["bias"] <= errors["none"]
+
+
+def test_probe_measures_every_group_and_reaches_the_target(tmp_path: Path) -> None:
+    path, calib = _setup("mobilenet_block", tmp_path)
+    prepared = prepare_structured(path, calib, StructuredConfig())
+    result = apply_structured(prepared, StructuredConfig(sparsity=0.3, channel_multiple=2))
+    prunable = sum(1 for g in prepared.plan.groups if g.prunable)
+    assert result.report.timings["probe_runs"] >= prunable  # at least one cut measured per group
+    assert result.report.macs_removed >= 0.3
+    assert result.report.verification[0].cosine > 0.5
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ For each model: one calibration pass (`prepare_structured(..., everything=True)`
 - every score (pfp, l1, act) with every compensation (refit, bias, none) at 30 % of the MACs,
   and pfp+refit and l1+refit at 10 / 20 / 30 / 40 / 50 %: the task metric of the
   pruned model on the model's evaluation data (accuracy with labels, else fidelity to the dense
-  model: top-1 agreement or the cosine of the named output);
+  model: top-1 agreement, the cosine of the named output, or for open_nsfw, whose top-1 is the
+  same on every photo, the correlation of the log-odds);
 - ONNX Runtime CPU latency at batch 1 and 32 of the dense and the pruned model (pfp+refit),
   measured alternately, median of 20 runs; file size;
 - the time of a full `sipp-onnx prune --structured` against the unstructured default prune of
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from sipp_onnx import PruneConfig, prune_model
 from sipp_onnx.config import Provider
@@ -75,7 +77,11 @@ def models(bench: Path) -> dict[str, Model]:
             "461",
         ),
         "resnet": Model(
-            "resnet", bench / "resnet.onnx", bench / "resnet_calib.npz", bench / "resnet_eval.npz", "cosine"
+            "resnet",
+            bench / "resnet.onnx",
+            bench / "resnet_calib.npz",
+            bench / "resnet_eval.npz",
+            "logodds_corr",
         ),
         "mobilenet": Model(
             "mobilenet",
@@ -87,7 +93,26 @@ def models(bench: Path) -> dict[str, Model]:
     }
 
 
+def logodds_correlation(m: Model, pruned: Path) -> float:
+    """Pearson correlation of log(p1 / p0) between the dense and the pruned model: the fidelity
+    of a two-class softmax whose top-1 never changes on the data (open_nsfw calls every photo
+    'safe', so top-1 agreement and the probabilities' cosine stay near 1 whatever happens)."""
+    data = np.load(m.eval)
+    values = []
+    for path in (m.model, pruned):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        probs = np.concatenate(
+            [session.run(None, {name: data[name][i : i + 32]})[0] for i in range(0, len(data[name]), 32)]
+        ).astype(np.float64)
+        probs = np.clip(probs, 1e-12, 1.0)
+        values.append(np.log(probs[:, 1]) - np.log(probs[:, 0]))
+    return float(np.corrcoef(values[0], values[1])[0, 1])
+
+
 def metric(m: Model, pruned: Path) -> float:
+    if m.metric == "logodds_corr":
+        return logodds_correlation(m, pruned)
     report = evaluate(m.model, m.eval, pruned, "labels", m.output, 64, Provider.CPU)
     c = report.compare
     assert c is not None

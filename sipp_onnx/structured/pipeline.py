@@ -48,6 +48,7 @@ from .channels import ChannelGraph, build_channel_graph
 from .compensate import COMPENSATIONS, Compensation, compensate
 from .groups import Plan
 from .latency import Latency, compare_latency
+from .probe import Probe
 from .report import GroupReport, StructuredReport
 from .scores import SCORES, component_scores, layer_rows, scored_groups
 from .surgery import apply_surgery
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 TARGETS = ("macs", "params")
+PROBE_ROUNDS = 4
+"""Allocation rounds: each measures the groups the last one cut deeper than measured."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class StructuredConfig:
     """Measure ONNX Runtime latency of the dense and the pruned model (batch 1 and the
     calibration batch size, median of `latency_runs`)."""
     latency_runs: int = 20
+    probe: bool = True
+    """Put the groups' scores on one scale by each group's measured effect on the model output
+    (one run of the model per group, see `probe`); False: compare raw scores."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
@@ -269,8 +275,31 @@ def apply_structured(
     allowed = {g.index for g in plan.groups if g.prunable} & scored_groups(plan, stats)
     if not allowed:
         raise NoPrunableLayersError(no_groups_message(plan) + "; no group has a consumer layer to score it")
+    t_alloc = time.perf_counter()
     allocation = allocate(plan, scores, config.sparsity, config.target, config.channel_multiple, allowed)
-    timings["allocate"] = time.perf_counter() - t0
+    if config.probe:
+        probe = Probe(
+            prepared.proto,
+            plan,
+            scores,
+            lambda keep: _compensate(plan, keep, weights, stats, config.compensation),
+            captured.first_feed,
+            captured.first_outputs,
+            config.channel_multiple,
+            base_dir,
+        )
+        probe.start(allowed)
+        for round_ in range(PROBE_ROUNDS + 1):
+            allocation = allocate(
+                plan, probe.scaled(), config.sparsity, config.target, config.channel_multiple, allowed
+            )
+            deeper = probe.beyond(allocation.keep)
+            if not deeper or round_ == PROBE_ROUNDS:
+                break
+            for g, cut in deeper:
+                probe.measure(g, cut)
+        timings["probe_runs"] = probe.runs
+    timings["allocate"] = time.perf_counter() - t_alloc
     if progress is not None:
         progress("allocate", 1, 1)
 
