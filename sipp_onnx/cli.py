@@ -33,9 +33,11 @@ from .modelio import check_output_path, load_model, model_inputs
 from .pattern import Pattern, parse_pattern
 from .pipeline import prune_model
 from .sizes import describe as describe_sizes
+from .structured.compensate import COMPENSATIONS
 from .structured.inspection import inspect_structured
 from .structured.latency import compare_latency
-from .structured.pipeline import StructuredConfig, prune_structured
+from .structured.pipeline import TARGETS, StructuredConfig, prune_structured
+from .structured.scores import SCORES
 from .sweep import SWEEP_FILES, SweepPoint, Variant, sweep, write_sweep
 
 
@@ -285,14 +287,14 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option(
     "--target",
-    type=click.Choice(["macs", "params"]),
+    type=click.Choice(list(TARGETS)),
     default="macs",
     show_default=True,
     help="--structured: what --sparsity counts.",
 )
 @click.option(
     "--score",
-    type=click.Choice(["pfp", "l1", "act"]),
+    type=click.Choice(list(SCORES)),
     default="pfp",
     show_default=True,
     help="--structured: channel importance: pfp (max relative contribution at its consumers), l1 "
@@ -300,7 +302,7 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
 )
 @click.option(
     "--compensation",
-    type=click.Choice(["refit", "bias", "none"]),
+    type=click.Choice(list(COMPENSATIONS)),
     default="refit",
     show_default=True,
     help="--structured: refit (least squares of each consumer's kept inputs), bias (fold the removed "
