@@ -75,7 +75,7 @@ class Probe:
         reference: Mapping[str, np.ndarray],
         multiple: int,
         base_dir: Path | None = None,
-        samples: int = 16,
+        samples: int = 8,
     ) -> None:
         self.proto, self.plan, self.scores = proto, plan, scores.astype(np.float64)
         self.compensate, self.multiple, self.base_dir = compensate, multiple, base_dir
