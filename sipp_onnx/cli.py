@@ -25,7 +25,16 @@ import numpy as np
 from . import __version__
 from .calibration import open_calibration
 from .checking import check_pattern
-from .config import PRUNABLE_OP_TYPES, Method, Provider, PruneConfig, Reduction, Refit, Terms
+from .config import (
+    PRUNABLE_OP_TYPES,
+    Allocation,
+    Method,
+    Provider,
+    PruneConfig,
+    Reduction,
+    Refit,
+    Terms,
+)
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
 from .inspection import inspect_model
@@ -154,6 +163,15 @@ _MEASURE_OPTIONS = (
         show_default=True,
         help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
         "(the spec: within each sign part, inputs split by sign).",
+    ),
+    click.option(
+        "--allocation",
+        type=click.Choice([a.value for a in Allocation]),
+        default=PruneConfig.allocation.value,
+        show_default=True,
+        help="How the target is split across layers: global (one threshold over all scores), sipp "
+        "(SiPP's shared error bound eps; sipp-det), error (each layer's measured output-error "
+        "curve, least summed error). sipp-rand/-hybrid always use their own sampling bound.",
     ),
     click.option(
         "--layer-floor",
@@ -708,8 +726,8 @@ def _format_eval(report: EvalReport) -> str:
     "--methods",
     default="sipp-det,sipp-det+none,sipp-hybrid,magnitude,wanda",
     show_default=True,
-    help="Comma-separated METHOD or METHOD+REFIT (e.g. sipp-det+none,magnitude+obs); a bare "
-    "METHOD uses --refit.",
+    help="Comma-separated METHOD[+REFIT][@ALLOCATION] (e.g. sipp-det+none,magnitude+obs,"
+    "sipp-det@error); a bare METHOD uses --refit and --allocation.",
 )
 @click.option("--sparsities", default="0.3,0.5,0.7,0.9", show_default=True, help="Comma-separated targets.")
 @click.option(

@@ -60,6 +60,20 @@ class Refit(StrEnum):
     OBS = "obs"
 
 
+class Allocation(StrEnum):
+    """How one global sparsity target is split across the weight tensors (see budgets.py).
+
+    GLOBAL is the original rule: one threshold over every score (Wanda: the same ratio in every
+    row). SIPP is SiPP's shared error level eps: every row prunes while its summed sensitivity
+    stays within eps (sipp-det only). ERROR splits the budget by each tensor's measured output
+    error curve, read off the calibration statistics, for the least summed relative error.
+    """
+
+    GLOBAL = "global"
+    SIPP = "sipp"
+    ERROR = "error"
+
+
 class Provider(StrEnum):
     """ONNX Runtime execution provider for the calibration pass."""
 
@@ -96,6 +110,8 @@ class PruneConfig:
     reduction: Reduction = Reduction.MAX
     terms: Terms = Terms.ABSOLUTE
     refit: Refit = Refit.OBS
+    allocation: Allocation = Allocation.GLOBAL
+    """How the target is split across tensors (sipp-det, magnitude, wanda; see Allocation)."""
     sequential: bool = False
     """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
     one more calibration pass per layer depth, so later layers compensate earlier errors."""
@@ -136,6 +152,7 @@ class PruneConfig:
             ("reduction", Reduction),
             ("terms", Terms),
             ("refit", Refit),
+            ("allocation", Allocation),
             ("provider", Provider),
         ):
             value = getattr(self, name)
@@ -147,6 +164,11 @@ class PruneConfig:
         if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
         object.__setattr__(self, "sparsity", float(self.sparsity))
+        if self.allocation is Allocation.SIPP and self.method is not Method.SIPP_DET:
+            raise ConfigError(
+                f"allocation sipp needs sipp-det's sensitivities; method {self.method.value} can use "
+                "global or error"
+            )
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be a positive integer, got {self.max_samples}")
         if not 0.0 <= float(self.layer_floor) <= 1.0:

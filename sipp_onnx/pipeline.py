@@ -17,9 +17,10 @@ import onnx
 import onnxruntime as ort
 
 from . import __version__
+from .budgets import norm_shares, saliency, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
-from .config import Method, Provider, PruneConfig, Refit
+from .config import Allocation, Method, Provider, PruneConfig, Refit
 from .discover import discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
@@ -334,11 +335,20 @@ def apply(
     t1 = time.perf_counter()
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
     before = [_before(s) for s in scores]  # the weights may be pruned in place below
+    allocation = _allocation(config)
+    notes = [""] * len(scores)
+    if allocation is not Allocation.GLOBAL and config.method.value.startswith("sipp"):
+        scores, notes = _informative(scores)
     if config.sparsity == 0:
         selected = [
             SelectedWeight(s.rows, int(np.count_nonzero(s.rows)), 0.0 if stats else None) for s in scores
         ]
     else:
+        costs = None
+        if allocation is Allocation.ERROR and config.structure is None:
+            t_alloc = time.perf_counter()
+            costs = [_cost(w, s, stats, config.refit) for w, s in zip(found.weights, scores, strict=True)]
+            timings["allocation"] = time.perf_counter() - t_alloc
         # A used-up model keeps only the masked weights when nothing needs the original values.
         in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
         selected = select(
@@ -349,6 +359,8 @@ def apply(
             config.layer_floor,
             in_place,
             config.structure,
+            allocation.value,
+            costs,
         )
     timings["selection"] = time.perf_counter() - t1
     if progress is not None:
@@ -378,7 +390,9 @@ def apply(
         layer_reports = []
         for i, w in enumerate(found.weights):
             score, sel = scores[i], selected[i]
-            layer_reports.append(_layer_report(w, before[i], sel, refits[i], config, score.kernel_size))
+            layer_reports.append(
+                _layer_report(w, before[i], sel, refits[i], config, score.kernel_size, notes[i])
+            )
             counted = layer_reports[-1]
             changed = counted.kept != counted.nonzero_before or (
                 sel.rows is not score.rows and not np.array_equal(sel.rows, score.rows)
@@ -591,6 +605,56 @@ def _sequential(
     return refits
 
 
+def _allocation(config: PruneConfig) -> Allocation:
+    """The allocation that applies: sipp-rand and sipp-hybrid always split by their sampling
+    bound (reported as 'sampling'), N:M patterns fix every count."""
+    if config.method in (Method.SIPP_RAND, Method.SIPP_HYBRID) or config.structure is not None:
+        return Allocation.GLOBAL
+    return config.allocation
+
+
+def _allocation_label(config: PruneConfig) -> str:
+    if config.structure is not None:
+        return "pattern"
+    if config.method in (Method.SIPP_RAND, Method.SIPP_HYBRID):
+        return "sampling"
+    return config.allocation.value
+
+
+def _informative(scores: list[WeightScores]) -> tuple[list[WeightScores], list[str]]:
+    """Scores whose sensitivities carry no ranking (`budgets.uninformative`: one-hot inputs)
+    replaced by the per-row normalised |w| ||a||, and a report note for each one replaced."""
+    out, notes = [], []
+    for score in scores:
+        if (
+            score.sensitivity is not None
+            and score.input_sqnorm is not None
+            and uninformative(score.sensitivity, score.rows)
+        ):
+            out.append(replace(score, sensitivity=norm_shares(score.rows, score.input_sqnorm)))
+            notes.append("sensitivities uninformative (one-hot or constant inputs): ranked by |w|*||a||")
+        else:
+            out.append(score)
+            notes.append("")
+    return out, notes
+
+
+def _cost(
+    weight: PrunableWeight, score: WeightScores, stats: Mapping[str, LayerStatistics], refit: Refit
+) -> tuple[np.ndarray, float]:
+    """Per-entry output-error cost and output energy of one weight (see `budgets.saliency`): the
+    refit's cost where it will re-solve the weight, else the mask's. A layer with fewer
+    calibration points than inputs per row gets the mask's cost too: its least-squares refit
+    has more unknowns than equations, fits the calibration points exactly and says nothing about
+    new data (PP-LCNet's classifier after global pooling: 128 points, 1280 inputs)."""
+    st = stats.get(weight.primary.node)
+    if st is None or score.input_sqnorm is None:
+        raise ConfigError("allocation error needs calibration statistics of every layer")
+    refitted = refit is Refit.OBS and len(weight.layers) == 1 and st.gram is not None
+    gram = st.gram if refitted and st.points >= score.rows.shape[1] else None
+    return saliency(score.rows, gram, score.input_sqnorm)
+
+
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
     """Selection inputs of one weight: its rows and its statistics merged over its uses."""
     primary = stats.get(weight.primary.node)
@@ -670,6 +734,7 @@ def _layer_report(
     refit: RefitReport | None,
     config: PruneConfig,
     kernel_size: int,
+    note: str = "",
 ) -> LayerReport:
     kept = int(np.count_nonzero(sel.rows))
     nonzero, sensitivity, measured = before
@@ -694,6 +759,7 @@ def _layer_report(
         stored=w.stored,
         via=w.via,
         pattern=pattern,
+        score_note=note,
     )
 
 
@@ -736,6 +802,7 @@ def _report(
         seed=config.seed,
         sparsity_target=config.sparsity,
         pattern=config.pattern,
+        allocation=_allocation_label(config),
         size_before=sizes[0],
         size_after=sizes[1],
         sparsity_achieved=1.0 - kept / total,

@@ -78,6 +78,8 @@ class LayerReport:
     """With an N:M pattern: the pattern applied, or 'not applied: <why>' (left unpruned)."""
     stored_as: str = "dense"
     """'sparse' when written as an ONNX sparse initializer (--store sparse)."""
+    score_note: str = ""
+    """Why this weight was ranked by something else than its sensitivities (see budgets.py)."""
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,9 @@ class PruneReport:
     """The input model's files (or serialized model) on disk and DEFLATE-compressed."""
     size_after: FileSize | None = None
     """The written output's files (None when nothing was written)."""
+    allocation: str = "global"
+    """How the target was split across tensors: global, sipp, error (see budgets.py), or
+    'sampling' (sipp-rand/-hybrid's own bound) and 'pattern' (N:M)."""
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -187,6 +192,8 @@ class PruneReport:
             lines.append("  ".join(cells).rstrip())
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
+        noted = [layer for layer in self.layers if layer.score_note]
+        lines += [f"note: {','.join(layer.nodes)}: {layer.score_note}" for layer in noted]
         return "\n".join(lines)
 
 

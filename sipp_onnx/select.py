@@ -21,7 +21,6 @@ This module imports numpy only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from .allocation import a_coefficient, allocate, draws_for_distinct, eps_bound
+from .budgets import bound_keys, error_counts, floor_counts
 from .pattern import Pattern, group_mask, pattern_problem
 
 
@@ -208,7 +208,8 @@ def _take_ties(
 def select_global(
     weights: Sequence[WeightScores], keep: int, by: str, layer_floor: float = 0.0, in_place: bool = False
 ) -> list[SelectedWeight]:
-    """SiPP-Det (`by='sensitivity'`) or global magnitude pruning (`by='magnitude'`).
+    """SiPP-Det (`by='sensitivity'`), SiPP-Det with the shared-eps allocation (`by='bound'`:
+    see `budgets.bound_keys`) or global magnitude pruning (`by='magnitude'`).
 
     With `layer_floor` f, every weight keeps at least f times the average kept fraction.
     """
@@ -218,16 +219,19 @@ def select_global(
 
         def key_of(i: int) -> np.ndarray:
             return scores[i]
+    elif by == "bound":
+        scores = [_require(w.sensitivity, "sensitivity") for w in weights]
+
+        def key_of(i: int) -> np.ndarray:
+            return bound_keys(scores[i], np.abs(rows[i]))
     else:
         scores = rows
 
         def key_of(i: int) -> np.ndarray:
             return np.abs(rows[i])
 
-    narrow = all(score.dtype == np.float32 for score in scores)
-
-    total = sum(r.size for r in rows)
-    floors = [math.ceil(layer_floor * keep / total * r.size) for r in rows] if layer_floor > 0 else None
+    narrow = by != "bound" and all(score.dtype == np.float32 for score in scores)
+    floors = floor_counts([r.size for r in rows], keep, layer_floor)
     masks = _global_top(key_of, rows, keep, floors, narrow)
     out = []
     for w, m in zip(weights, masks, strict=True):
@@ -540,13 +544,39 @@ def select(
     layer_floor: float = 0.0,
     in_place: bool = False,
     pattern: Pattern | None = None,
+    allocation: str = "global",
+    costs: Sequence[tuple[np.ndarray, float]] | None = None,
 ) -> list[SelectedWeight]:
     """Prune all `weights` together to `sparsity` with `method` (a `Method` value), or, with an
-    N:M `pattern`, every weight it fits to that pattern (`sparsity` then unused)."""
+    N:M `pattern`, every weight it fits to that pattern (`sparsity` then unused).
+
+    `allocation` (see `budgets`) applies to sipp-det, magnitude and wanda; sipp-rand and
+    sipp-hybrid always split the budget by their own sampling bound. 'global': today's rule
+    (one threshold; Wanda's uniform ratio); 'sipp': SiPP's shared eps (sipp-det only); 'error':
+    per-tensor counts from the measured error curves, which needs `costs` (per weight, each
+    entry's error cost and the tensor's output energy: `budgets.saliency`)."""
     if pattern is not None:
         return select_pattern(weights, method, pattern, in_place)
     keep = budget(sum(w.rows.size for w in weights), sparsity)
-    return select_count(weights, method, keep, seed, layer_floor, in_place)
+    if allocation == "global" or method in ("sipp-rand", "sipp-hybrid"):
+        return select_count(weights, method, keep, seed, layer_floor, in_place)
+    if allocation == "sipp":
+        if method != "sipp-det":
+            raise ValueError(f"the sipp allocation needs sipp-det's sensitivities, not {method}")
+        return select_global(weights, keep, by="bound", layer_floor=layer_floor, in_place=in_place)
+    if allocation != "error" or costs is None:
+        raise ValueError(f"allocation {allocation!r} needs error costs" if costs is None else allocation)
+    floors = floor_counts([w.rows.size for w in weights], keep, layer_floor)
+    counts = error_counts(
+        costs,
+        [pattern_score(w, method) for w in weights],
+        [w.rows for w in weights],
+        keep,
+        per_row=method == "wanda",
+        floors=floors,
+    )
+    pairs = zip(weights, counts, strict=True)
+    return [select_count([w], method, k, seed, 0.0, in_place)[0] for w, k in pairs]
 
 
 def select_count(

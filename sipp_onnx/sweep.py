@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .config import Method, PruneConfig, Refit
+from .config import Allocation, Method, PruneConfig, Refit
 from .errors import ConfigError
 from .evaluate import Comparison, Reference
 from .modelio import write_text_atomic
@@ -37,27 +37,35 @@ SWEEP_FILES = ("sweep.json", "sweep.csv", "sweep.png")
 
 @dataclass(frozen=True)
 class Variant:
-    """One line of the sweep: a selection method and what happens to the kept weights."""
+    """One line of the sweep: a selection method, what happens to the kept weights, and (when
+    not the run's own) how the budget is split across layers."""
 
     method: Method
     refit: Refit
+    allocation: Allocation | None = None
 
     @property
     def label(self) -> str:
-        return self.method.value if self.refit is Refit.NONE else f"{self.method.value}+{self.refit.value}"
+        label = self.method.value if self.refit is Refit.NONE else f"{self.method.value}+{self.refit.value}"
+        return label if self.allocation is None else f"{label}@{self.allocation.value}"
 
     @classmethod
     def parse(cls, text: str, default_refit: Refit | str) -> Variant:
-        """'METHOD' (with `default_refit`) or 'METHOD+REFIT', e.g. 'magnitude+obs'."""
-        method, _, refit = text.strip().partition("+")
+        """'METHOD', 'METHOD+REFIT' (default: `default_refit`), either with '@ALLOCATION', e.g.
+        'magnitude+obs' or 'sipp-det+obs@error'."""
+        body, _, allocation = text.strip().partition("@")
+        method, _, refit = body.partition("+")
         try:
-            return cls(Method(method), Refit(refit or default_refit))
+            return cls(
+                Method(method), Refit(refit or default_refit), Allocation(allocation) if allocation else None
+            )
         except ValueError:
             methods = ", ".join(m.value for m in Method)
             refits = ", ".join(r.value for r in Refit)
+            allocations = ", ".join(a.value for a in Allocation)
             raise ConfigError(
-                f"bad method {text!r}: expected METHOD or METHOD+REFIT with METHOD one of {methods} "
-                f"and REFIT one of {refits}"
+                f"bad method {text!r}: expected METHOD[+REFIT][@ALLOCATION] with METHOD one of {methods}, "
+                f"REFIT one of {refits} and ALLOCATION one of {allocations}"
             ) from None
 
 
@@ -232,7 +240,13 @@ def sweep(
     for variant in variants:
         for sparsity in sparsities:
             t1 = time.perf_counter()
-            cfg = replace(base, method=variant.method, refit=variant.refit, sparsity=sparsity)
+            cfg = replace(
+                base,
+                method=variant.method,
+                refit=variant.refit,
+                sparsity=sparsity,
+                allocation=variant.allocation or base.allocation,
+            )
             result = apply(prepared, cfg)
             seconds = time.perf_counter() - t1
             comparison = dense.compare(result.model, result.base_dir)

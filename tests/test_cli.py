@@ -482,3 +482,24 @@ def test_subprocess_prune_and_inspect(mlp_files, tmp_path: Path) -> None:
     proc = _subprocess("inspect", model, "--json")
     assert proc.returncode == 0 and proc.stderr == ""
     assert {entry["node"] for entry in json.loads(proc.stdout)["layers"]} == set(MLP_LAYERS)
+
+
+@pytest.mark.parametrize("allocation", ["sipp", "error"])
+def test_allocation_option_reaches_the_report(mlp_files, cli, tmp_path, allocation) -> None:
+    model, calib = mlp_files
+    out, report = tmp_path / f"{allocation}.onnx", tmp_path / f"{allocation}.json"
+    ok(cli("prune", model, calib, "-o", out, "--allocation", allocation, "--report", report, "-q"))
+    doc = json.loads(report.read_text())
+    assert doc["allocation"] == allocation
+    assert abs(doc["sparsity_achieved"] - 0.5) < 0.01
+
+
+def test_allocation_sipp_with_magnitude_is_a_one_line_error(mlp_files, cli, tmp_path) -> None:
+    model, calib = mlp_files
+    result = cli(
+        "prune", model, calib, "-o", tmp_path / "o.onnx", "--method", "magnitude", "--allocation", "sipp"
+    )
+    assert result.exit_code != 0
+    assert result.stderr.strip().startswith("error: ") and "sipp-det" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()

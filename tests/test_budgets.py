@@ -1,0 +1,209 @@
+"""Per-layer budgets (budgets.py): SiPP's shared-eps keys, the measured error curves and their
+split, against slow loops and brute force; and the allocations end to end."""
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+from builders import convnet, gaussian_calibration, mlp, save
+
+from sipp_onnx import PruneConfig, prune_model
+from sipp_onnx.budgets import (
+    ErrorCurve,
+    bound_keys,
+    error_curve,
+    norm_shares,
+    saliency,
+    split_budget,
+    uninformative,
+)
+from sipp_onnx.errors import ConfigError
+from sipp_onnx.refit import damped
+from sipp_onnx.select import WeightScores, select
+
+
+def test_bound_keys_match_a_loop():
+    rng = np.random.default_rng(0)
+    sens = rng.random((5, 9))
+    sens[0, :3] = 0.5  # ties: the smaller |w| ranks lower
+    absw = rng.random((5, 9))
+    keys = bound_keys(sens, absw)
+    for i in range(5):
+        for j in range(9):
+            below = [
+                k
+                for k in range(9)
+                if sens[i, k] < sens[i, j] or (sens[i, k] == sens[i, j] and absw[i, k] <= absw[i, j])
+            ]
+            assert keys[i, j] == pytest.approx(sens[i, below].sum())
+
+
+def test_sipp_allocation_equalises_row_bounds_across_fan_in():
+    """Shares of about 1/K: one global threshold empties the wide layer first; the shared eps
+    prunes the same fraction of both."""
+    rng = np.random.default_rng(1)
+    weights = []
+    for k in (16, 256):
+        w = rng.normal(size=(8, k)).astype(np.float32)
+        s = (rng.uniform(0.5, 1.5, size=(8, k)) / k).astype(np.float32)
+        weights.append(WeightScores(w, s, np.ones((8, k))))
+    glob = select(weights, "sipp-det", 0.5)
+    eps = select(weights, "sipp-det", 0.5, allocation="sipp")
+    kept = [[float(np.mean(s.rows != 0)) for s in out] for out in (glob, eps)]
+    assert kept[0][0] > 0.95 and kept[0][1] < 0.5  # global: the wide layer pays
+    assert abs(kept[1][0] - kept[1][1]) < 0.15  # shared eps: about the same fraction
+    assert sum(int(np.count_nonzero(s.rows)) for s in eps) == round(0.5 * (8 * 16 + 8 * 256))
+    # the bound the report gives is the row's pruned sensitivity, the same eps everywhere
+    bounds = [s.bound for s in eps]
+    assert max(bounds) / min(bounds) < 1.3
+
+
+def test_uninformative_detects_one_hot_sensitivities():
+    rows = np.random.default_rng(2).normal(size=(6, 10))
+    one_hot = np.where(np.arange(10) < 7, 1.0, 0.0)[None].repeat(6, 0)  # bytes 7-9 never seen
+    assert uninformative(one_hot, rows)
+    assert not uninformative(np.random.default_rng(3).random((6, 10)), rows)
+    shares = norm_shares(rows, np.arange(10.0)[None].repeat(6, 0))
+    assert np.allclose(shares.sum(1), 1.0, atol=1e-6)
+    assert shares[:, 0].max() == 0  # an input that never fires has no share
+
+
+def test_saliency_is_the_obs_cost_and_the_output_energy():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 6))
+    gram = (x.T @ x)[None]
+    w = rng.normal(size=(3, 6))
+    cost, energy = saliency(w, gram, np.ones_like(w))
+    inverse = np.linalg.inv(damped(gram[0]))
+    for i, j in itertools.product(range(3), range(6)):
+        assert cost[i, j] == pytest.approx(w[i, j] ** 2 / inverse[j, j])
+    assert energy == pytest.approx(float(((x @ w.T) ** 2).sum()))
+    # without the Gram matrix: the mask-only cost w^2 ||a||^2
+    sq = (x**2).sum(0)[None].repeat(3, 0)
+    cost, energy = saliency(w, None, sq)
+    assert np.allclose(cost, w**2 * sq)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_error_curve_matches_a_loop(per_row):
+    rng = np.random.default_rng(5)
+    cost = rng.random((4, 10))
+    key = rng.random((4, 10))
+    live = rng.random((4, 10)) > 0.1
+    curve = error_curve(cost, 2.0, key, live, per_row, int(live.sum()))
+    for n, err in zip(curve.pruned, curve.error, strict=True):
+        if per_row:
+            per = round(n / 4)
+            want = sum(
+                np.sort(cost[i][np.argsort(np.where(live[i], key[i], np.inf))[:per]]).sum() for i in range(4)
+            )
+        else:
+            order = [(key[i, j], i, j) for i in range(4) for j in range(10) if live[i, j]]
+            want = sum(cost[i, j] for _, i, j in sorted(order)[:n])
+        assert err == pytest.approx(want / 2.0)
+
+
+def test_split_budget_is_optimal_on_convex_curves():
+    """Against brute force over every split, for convex curves (where the hull is the curve)."""
+    rng = np.random.default_rng(6)
+    curves = []
+    for _ in range(3):
+        steps = np.sort(rng.random(6))  # increasing marginal costs: convex
+        curves.append(ErrorCurve(np.arange(7), np.concatenate([[0.0], np.cumsum(steps)])))
+    for prune in range(0, 19):
+        got = split_budget(curves, prune)
+        assert sum(got) == prune
+        best = min(
+            sum(c.error[n] for c, n in zip(curves, split, strict=True))
+            for split in itertools.product(range(7), repeat=3)
+            if sum(split) == prune
+        )
+        assert sum(c.error[n] for c, n in zip(curves, got, strict=True)) == pytest.approx(best)
+
+
+def test_split_budget_stops_at_the_curves_ends():
+    curves = [ErrorCurve(np.array([0, 5]), np.array([0.0, 1.0]))]
+    assert split_budget(curves, 99) == [5]
+
+
+@pytest.mark.parametrize("method", ["sipp-det", "magnitude", "wanda"])
+@pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.9])
+def test_error_allocation_reaches_the_target(method, sparsity):
+    rng = np.random.default_rng(7)
+    weights, costs = [], []
+    for n, k in ((12, 30), (8, 12), (5, 8)):
+        w = rng.normal(size=(n, k)).astype(np.float32)
+        sq = rng.random((n, k)) + 0.1
+        weights.append(WeightScores(w, rng.random((n, k)).astype(np.float32), sq))
+        costs.append(saliency(w, None, sq))
+    out = select(weights, method, sparsity, allocation="error", costs=costs)
+    total = sum(w.rows.size for w in weights)
+    zeros = sum(int((s.rows == 0).sum()) for s in out)
+    assert abs(zeros / total - sparsity) <= 0.02  # wanda rounds per row
+
+
+def test_error_allocation_spares_the_layer_that_costs_more():
+    """Two equal layers, one whose inputs are 100x larger: the cheap one is pruned more."""
+    rng = np.random.default_rng(8)
+    weights, costs = [], []
+    for scale in (1.0, 100.0):
+        w = rng.normal(size=(10, 20)).astype(np.float32)
+        sq = np.full((10, 20), scale)
+        weights.append(WeightScores(w, rng.random((10, 20)).astype(np.float32), sq))
+        costs.append((w.astype(np.float64) ** 2 * sq, 1.0))  # energies alike: raw costs compare
+    out = select(weights, "magnitude", 0.5, allocation="error", costs=costs)
+    assert np.mean(out[0].rows == 0) > np.mean(out[1].rows == 0)
+
+
+def test_sipp_allocation_needs_sipp_det():
+    with pytest.raises(ConfigError, match="sipp-det"):
+        PruneConfig(method="magnitude", allocation="sipp")
+
+
+@pytest.mark.parametrize("allocation", ["global", "sipp", "error"])
+@pytest.mark.parametrize("builder,shape", [(mlp, (20,)), (convnet, (3, 8, 8))])
+def test_allocations_end_to_end(tmp_path, allocation, builder, shape):
+    model = save(builder(), tmp_path / "m.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=gaussian_calibration(shape, 64))
+    result = prune_model(
+        model, calib, PruneConfig(sparsity=0.6, allocation=allocation), output=tmp_path / "o.onnx"
+    )
+    assert result.report.allocation == allocation
+    assert abs(result.report.sparsity_achieved - 0.6) < 0.01
+    onnx.checker.check_model(onnx.load(str(tmp_path / "o.onnx")), full_check=True)
+    if allocation == "error":
+        assert "allocation" in result.report.timings
+
+
+def test_one_hot_layer_is_ranked_by_norm_and_reported(tmp_path):
+    """A one-hot embedding's sensitivities are all 1: with a new allocation it is ranked by
+    |w| ||a|| and the report says so; the global allocation stays as it was."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(9)
+    emb = rng.normal(size=(16, 6)).astype(np.float32)
+    out = rng.normal(size=(6, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "emb"], ["h"], name="embed"),
+            helper.make_node("Relu", ["h"], ["r"], name="relu"),
+            helper.make_node("MatMul", ["r", "out"], ["y"], name="head"),
+        ],
+        "onehot",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+        [onnx.numpy_helper.from_array(emb, "emb"), onnx.numpy_helper.from_array(out, "out")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    path = save(model, tmp_path / "m.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=np.eye(16, dtype=np.float32)[rng.integers(0, 16, 128)])
+    notes = {}
+    for allocation in ("global", "sipp", "error"):
+        result = prune_model(path, calib, PruneConfig(sparsity=0.5, allocation=allocation))
+        notes[allocation] = {layer.nodes[0]: layer.score_note for layer in result.report.layers}
+    assert notes["global"] == {"embed": "", "head": ""}
+    for allocation in ("sipp", "error"):
+        assert "uninformative" in notes[allocation]["embed"] and notes[allocation]["head"] == ""
