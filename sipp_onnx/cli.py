@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -147,29 +148,33 @@ def main() -> None:
 
 # Options of prune and sweep that decide how the calibration statistics are measured and
 # used. Their parameter names are PruneConfig's field names, so the values go straight in.
+def _enum_option(flag: str, enum: type[StrEnum], default: StrEnum, help: str) -> Callable[..., Any]:
+    """A --flag whose choices are an enum's values, defaulting to PruneConfig's."""
+    return click.option(
+        flag, type=click.Choice([e.value for e in enum]), default=default.value, show_default=True, help=help
+    )
+
+
 _MEASURE_OPTIONS = (
-    click.option(
+    _enum_option(
         "--reduction",
-        type=click.Choice([r.value for r in Reduction]),
-        default=PruneConfig.reduction.value,
-        show_default=True,
-        help="How relative contributions are reduced over calibration points: max (the paper's worst "
+        Reduction,
+        PruneConfig.reduction,
+        "How relative contributions are reduced over calibration points: max (the paper's worst "
         "case), mean (per-sample average, worst sample), expected (average).",
     ),
-    click.option(
+    _enum_option(
         "--terms",
-        type=click.Choice([t.value for t in Terms]),
-        default=PruneConfig.terms.value,
-        show_default=True,
-        help="A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
+        Terms,
+        PruneConfig.terms,
+        "A weight's share of a point: absolute (|w a| in the row's absolute mass) or signed "
         "(the spec: within each sign part, inputs split by sign).",
     ),
-    click.option(
+    _enum_option(
         "--allocation",
-        type=click.Choice([a.value for a in Allocation]),
-        default=PruneConfig.allocation.value,
-        show_default=True,
-        help="How the target is split across layers: global (one threshold over all scores), sipp "
+        Allocation,
+        PruneConfig.allocation,
+        "How the target is split across layers: global (one threshold over all scores), sipp "
         "(SiPP's shared error bound eps; sipp-det), error (each layer's measured output-error "
         "curve, least summed error). sipp-rand/-hybrid always use their own sampling bound.",
     ),

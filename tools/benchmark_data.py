@@ -783,6 +783,28 @@ def run_model(path: Path, feeds: dict[str, np.ndarray], batch: int = 32) -> np.n
     return np.concatenate(parts)
 
 
+def check_classifier(
+    dest: Path, name: str, classes: tuple[str, ...], what: str, items: str, min_accuracy: float
+) -> bool:
+    """Accuracy of the dense classifier DEST/NAME.onnx on DEST/NAME_eval.npz, printed per class;
+    True when it reaches `min_accuracy`."""
+    data = dict(np.load(dest / f"{name}_eval.npz"))
+    labels = data.pop("labels")
+    probs = run_model(dest / f"{name}.onnx", data)
+    predicted = probs.argmax(1)
+    accuracy = float((predicted == labels).mean())
+    per_class = ", ".join(
+        f"{label} {int(((predicted == c) & (labels == c)).sum())}/{int((labels == c).sum())}"
+        for c, label in enumerate(classes)
+    )
+    ok = accuracy >= min_accuracy
+    print(
+        f"{name} check: {what} accuracy {accuracy:.1%} on {len(labels)} eval {items} ({per_class}), "
+        f"mean top probability {probs.max(1).mean():.2f}: {'ok' if ok else 'FAILED'}"
+    )
+    return ok
+
+
 def check_mobilenet(dest: Path, min_accuracy: float = 0.9) -> bool:
     """The dense orientation classifier must read the rendered pages' rotation correctly.
 
@@ -796,21 +818,7 @@ def check_mobilenet(dest: Path, min_accuracy: float = 0.9) -> bool:
             f"mobilenet check: FAILED: class names {metadata.get('character')!r}, expected {ORIENT_CLASSES}"
         )
         return False
-    data = dict(np.load(dest / "mobilenet_eval.npz"))
-    labels = data.pop("labels")
-    probs = run_model(dest / "mobilenet.onnx", data)
-    predicted = probs.argmax(1)
-    accuracy = float((predicted == labels).mean())
-    per_class = ", ".join(
-        f"{name} {int(((predicted == c) & (labels == c)).sum())}/{int((labels == c).sum())}"
-        for c, name in enumerate(ORIENT_CLASSES)
-    )
-    ok = accuracy >= min_accuracy
-    print(
-        f"mobilenet check: rotation accuracy {accuracy:.1%} on {len(labels)} eval pages ({per_class}), "
-        f"mean top probability {probs.max(1).mean():.2f}: {'ok' if ok else 'FAILED'}"
-    )
-    return ok
+    return check_classifier(dest, "mobilenet", ORIENT_CLASSES, "rotation", "pages", min_accuracy)
 
 
 def check_resnet(dest: Path, min_sfw: float = 0.95) -> bool:
@@ -914,21 +922,7 @@ def check_textcls(dest: Path, min_accuracy: float = 0.9) -> bool:
 
     A wrong channel order, normalisation, padding or class order shows as low accuracy here.
     """
-    data = dict(np.load(dest / "textcls_eval.npz"))
-    labels = data.pop("labels")
-    probs = run_model(dest / "textcls.onnx", data)
-    predicted = probs.argmax(1)
-    accuracy = float((predicted == labels).mean())
-    per_class = ", ".join(
-        f"{name} {int(((predicted == c) & (labels == c)).sum())}/{int((labels == c).sum())}"
-        for c, name in enumerate(TEXTCLS_CLASSES)
-    )
-    ok = accuracy >= min_accuracy
-    print(
-        f"textcls check: direction accuracy {accuracy:.1%} on {len(labels)} eval lines ({per_class}), "
-        f"mean top probability {probs.max(1).mean():.2f}: {'ok' if ok else 'FAILED'}"
-    )
-    return ok
+    return check_classifier(dest, "textcls", TEXTCLS_CLASSES, "direction", "lines", min_accuracy)
 
 
 def check_magika(
