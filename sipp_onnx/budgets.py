@@ -32,13 +32,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .refit import damped
+from .refit import damped, inverse_cholesky_upper, sweep_with
 
 log = logging.getLogger(__name__)
 
 GRID = 101
-"""Points of each layer's error curve (every 1 % of its weights); the allocation interpolates
-between them."""
+"""Points of a layer's curve built from per-weight costs (every 1 % of its weights)."""
+GRID_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+"""Where a layer's refit error is measured (fractions of what it may lose); the allocation
+interpolates between them along the curve's convex hull."""
+SAMPLE_ROWS = 64
+"""Rows per layer the refit error is measured on."""
+EXACT_WIDTH = 256
+"""Rows up to this long are solved exactly (batched); longer ones by the sweep."""
 UNINFORMATIVE_ROWS = 0.5
 """A weight whose sensitivities are constant over the non-zero entries of more than this share of
 its rows carries no ranking (one-hot inputs give every occurring weight a share of 1)."""
@@ -89,27 +95,119 @@ class ErrorCurve:
     """Relative squared output error at each count (0 at 0)."""
 
 
-def saliency(rows: np.ndarray, gram: np.ndarray | None, input_sqnorm: np.ndarray) -> tuple[np.ndarray, float]:
-    """Each weight's output-error cost if pruned, and the layer's output energy `sum_i w_i^T H w_i`.
+def mask_cost(rows: np.ndarray, input_sqnorm: np.ndarray) -> tuple[np.ndarray, float]:
+    """Each weight's output-error cost if pruned alone without a refit, `w_ij^2 ||a_j||^2`, and
+    the sum of them (the curve's scale when no Gram matrix was measured: cross terms ignored)."""
+    cost = rows.astype(np.float64) ** 2 * np.asarray(input_sqnorm, dtype=np.float64)
+    return cost, float(cost.sum())
 
-    With the Gram matrices `[G, K, K]` (the refit will run): the optimal-brain-surgeon cost
-    `w^2 / [H^-1]_jj` on the damped H the refit uses; without them, the mask-only cost
-    `w^2 ||a_j||^2`."""
-    w = rows.astype(np.float64)
-    if gram is None:
-        cost = w**2 * np.asarray(input_sqnorm, dtype=np.float64)
-        return cost, float(cost.sum())
+
+def _grid(most: int) -> np.ndarray:
+    return np.unique(np.round(np.asarray(GRID_FRACTIONS) * most).astype(np.int64))
+
+
+def _masks(key: np.ndarray, live: np.ndarray, per_row: bool, counts: np.ndarray) -> list[np.ndarray]:
+    """Kept masks `[N, K]` pruning the `n` lowest keys (layer-wide, or `per_row` the same
+    fraction of every row's live weights) for each n in `counts`."""
+    ranked = np.where(live, key, np.inf)
+    n_live = int(live.sum())
+    out = []
+    if per_row:
+        order = np.argsort(ranked, axis=1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(key.shape[1])[None].repeat(key.shape[0], 0), axis=1)
+        per_live = live.sum(axis=1, keepdims=True)
+        for n in counts:
+            cut = np.round(per_live * (n / n_live if n_live else 0.0))
+            out.append(live & (rank >= cut))
+        return out
+    order = np.argsort(ranked.ravel(), kind="stable")
+    for n in counts:
+        keep = live.ravel().copy()
+        keep[order[:n]] = False
+        out.append(keep.reshape(key.shape))
+    return out
+
+
+def refit_curve(
+    rows: np.ndarray,
+    key: np.ndarray,
+    live: np.ndarray,
+    gram: np.ndarray,
+    refit: bool,
+    per_row: bool,
+    most: int,
+    seed: int = 0,
+) -> ErrorCurve:
+    """The layer's relative squared output error on the calibration data after pruning its
+    lowest keys and (with `refit`) re-solving the kept weights, at `GRID_FRACTIONS` of `most`.
+
+    Measured, not modelled: the errors of separate weights do not add up (a row's kept weights
+    compensate the first ones pruned almost fully, the last ones not at all; summing each
+    weight's optimal-brain-surgeon cost underestimated a 97 %-pruned layer's error ten times).
+    Rows are independent, so a sample of `SAMPLE_ROWS` rows gives the layer's ratio; each mask
+    is solved like the refit does (one damped solve per row for short rows, the SparseGPT sweep
+    with one factorisation per layer for long ones), a row never worse than its mask alone.
+    """
+    n, width = rows.shape
     groups = gram.shape[0]
-    per = w.shape[0] // groups
-    cost = np.empty_like(w)
-    energy = 0.0
-    for g in range(groups):
-        part = slice(g * per, (g + 1) * per)
-        h = np.asarray(gram[g], dtype=np.float64)
-        energy += float(np.einsum("ik,ik->", w[part] @ h, w[part]))
-        inverse_diag = np.diagonal(np.linalg.inv(damped(h)))
-        cost[part] = w[part] ** 2 / np.maximum(inverse_diag, 1e-300)
-    return cost, energy
+    per = n // groups
+    counts = _grid(most)
+    sample = np.arange(n)
+    if n > SAMPLE_ROWS:
+        sample = np.sort(np.random.default_rng(seed).choice(n, SAMPLE_ROWS, replace=False))
+    w0 = rows[sample].astype(np.float64)
+    group_of = sample // per
+    masks = [m[sample] for m in _masks(key, live, per_row, counts)]
+    hs = gram[group_of].astype(np.float64)  # [R, K, K]: each sampled row's Gram matrix
+    energy = float(np.einsum("rk,rkl,rl->", w0, hs, w0))
+    errors = []
+    factors: dict[int, np.ndarray] = {}
+    for keep in masks:
+        delta = np.where(keep, 0.0, -w0)
+        if refit and not keep.all():
+            new = _solve_rows(w0, keep, hs, group_of, gram, factors)
+            candidate = new - w0
+            worse = np.einsum("rk,rkl,rl->r", candidate, hs, candidate) > np.einsum(
+                "rk,rkl,rl->r", delta, hs, delta
+            )
+            delta = np.where(worse[:, None], delta, candidate)
+        err = float(np.einsum("rk,rkl,rl->", delta, hs, delta))
+        errors.append(err / energy if energy > 0 else 0.0)
+    return ErrorCurve(counts, np.maximum.accumulate(np.array(errors)))
+
+
+def _solve_rows(
+    w0: np.ndarray,
+    keep: np.ndarray,
+    hs: np.ndarray,
+    group_of: np.ndarray,
+    gram: np.ndarray,
+    factors: dict[int, np.ndarray],
+) -> np.ndarray:
+    """Refitted rows for one mask: batched exact solves for short rows, the sweep otherwise."""
+    width = w0.shape[1]
+    if width <= EXACT_WIDTH:
+        out = np.where(keep, w0, 0.0)
+        pruned = ~keep
+        todo = keep.any(axis=1) & pruned.any(axis=1)
+        if not todo.any():
+            return out
+        h = np.stack([damped(x) for x in hs[todo]])
+        rhs = (w0[todo] * pruned[todo])[:, None, :] @ h
+        rhs = rhs[:, 0, :] * keep[todo]
+        both = keep[todo][:, :, None] & keep[todo][:, None, :]
+        systems = np.where(both, h, 0.0) + pruned[todo][:, :, None] * np.eye(width)[None]
+        delta = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
+        out[todo] = np.where(keep[todo], w0[todo] + delta, 0.0)
+        return out
+    out = np.empty_like(w0)
+    for g in np.unique(group_of):
+        if g not in factors:
+            factors[int(g)] = inverse_cholesky_upper(damped(gram[g]).astype(np.float32))
+        mine = group_of == g
+        out[mine] = sweep_with(factors[int(g)], w0[mine], keep[mine]).astype(np.float64)
+    return out
 
 
 def error_curve(
@@ -170,23 +268,11 @@ def split_budget(curves: Sequence[ErrorCurve], prune: int) -> list[int]:
     return out
 
 
-def error_counts(
-    costs: Sequence[tuple[np.ndarray, float]],
-    keys: Sequence[np.ndarray],
-    rows: Sequence[np.ndarray],
-    keep: int,
-    per_row: bool,
-    floors: Sequence[int] | None = None,
-) -> list[int]:
-    """Weights to keep per tensor for `keep` in all, from the measured error curves."""
-    lives = [r != 0 for r in rows]
-    total_live = sum(int(v.sum()) for v in lives)
-    curves = []
-    for i, ((cost, energy), key, live) in enumerate(zip(costs, keys, lives, strict=True)):
-        floor = floors[i] if floors else 0
-        curves.append(error_curve(cost, energy, key, live, per_row, int(live.sum()) - floor))
-    pruned = split_budget(curves, max(0, total_live - keep))
-    return [int(v.sum()) - p for v, p in zip(lives, pruned, strict=True)]
+def counts_from_curves(curves: Sequence[ErrorCurve], rows: Sequence[np.ndarray], keep: int) -> list[int]:
+    """Weights to keep per tensor for `keep` in all (live weights counted), from their curves."""
+    lives = [int(np.count_nonzero(r)) for r in rows]
+    pruned = split_budget(curves, max(0, sum(lives) - keep))
+    return [live - p for live, p in zip(lives, pruned, strict=True)]
 
 
 def floor_counts(sizes: Sequence[int], keep: int, layer_floor: float) -> list[int] | None:

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from . import __version__
-from .budgets import norm_shares, saliency, uninformative
+from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
 from .config import Allocation, Method, Provider, PruneConfig, Refit
@@ -43,7 +43,15 @@ from .pattern import pattern_problem
 from .refit import RefitOutcome, refit_layer
 from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
-from .select import SelectedWeight, WeightScores, select, select_count, select_pattern
+from .select import (
+    SelectedWeight,
+    WeightScores,
+    budget,
+    pattern_score,
+    select,
+    select_count,
+    select_pattern,
+)
 from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
 from .sizes import FileSize, bytes_size, files_size
 from .weightchain import read_weight, write_weight
@@ -344,10 +352,10 @@ def apply(
             SelectedWeight(s.rows, int(np.count_nonzero(s.rows)), 0.0 if stats else None) for s in scores
         ]
     else:
-        costs = None
+        curves = None
         if allocation is Allocation.ERROR and config.structure is None:
             t_alloc = time.perf_counter()
-            costs = [_cost(w, s, stats, config.refit) for w, s in zip(found.weights, scores, strict=True)]
+            curves = _curves(found, scores, stats, config)
             timings["allocation"] = time.perf_counter() - t_alloc
         # A used-up model keeps only the masked weights when nothing needs the original values.
         in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
@@ -360,7 +368,7 @@ def apply(
             in_place,
             config.structure,
             allocation.value,
-            costs,
+            curves,
         )
     timings["selection"] = time.perf_counter() - t1
     if progress is not None:
@@ -639,20 +647,37 @@ def _informative(scores: list[WeightScores]) -> tuple[list[WeightScores], list[s
     return out, notes
 
 
-def _cost(
-    weight: PrunableWeight, score: WeightScores, stats: Mapping[str, LayerStatistics], refit: Refit
-) -> tuple[np.ndarray, float]:
-    """Per-entry output-error cost and output energy of one weight (see `budgets.saliency`): the
-    refit's cost where it will re-solve the weight, else the mask's. A layer with fewer
-    calibration points than inputs per row gets the mask's cost too: its least-squares refit
-    has more unknowns than equations, fits the calibration points exactly and says nothing about
-    new data (PP-LCNet's classifier after global pooling: 128 points, 1280 inputs)."""
-    st = stats.get(weight.primary.node)
-    if st is None or score.input_sqnorm is None:
-        raise ConfigError("allocation error needs calibration statistics of every layer")
-    refitted = refit is Refit.OBS and len(weight.layers) == 1 and st.gram is not None
-    gram = st.gram if refitted and st.points >= score.rows.shape[1] else None
-    return saliency(score.rows, gram, score.input_sqnorm)
+def _curves(
+    found: Discovery, scores: list[WeightScores], stats: Mapping[str, LayerStatistics], config: PruneConfig
+) -> list[ErrorCurve]:
+    """Every weight's error curve for the error allocation (see `budgets.refit_curve`), in the
+    method's own order, each ending where the layer floor stops it.
+
+    The refit's error where it will re-solve the weight. A layer with fewer calibration points
+    than inputs per row gets its mask's error instead: its least-squares refit has more unknowns
+    than equations, fits the calibration points exactly and says nothing about new data
+    (PP-LCNet's classifier after global pooling: 128 points, 1280 inputs). Without Gram
+    matrices (no refit asked), the mask's per-weight costs, cross terms ignored."""
+    sizes = [s.rows.size for s in scores]
+    keep = budget(sum(sizes), config.sparsity)
+    floors = floor_counts(sizes, keep, config.layer_floor) or [0] * len(scores)
+    method = config.method.value
+    out = []
+    for i, (weight, score) in enumerate(zip(found.weights, scores, strict=True)):
+        st = stats.get(weight.primary.node)
+        if st is None or score.input_sqnorm is None:
+            raise ConfigError("allocation error needs calibration statistics of every layer")
+        key = pattern_score(score, method)
+        live = score.rows != 0
+        most = max(0, int(live.sum()) - floors[i])
+        per_row = method == "wanda"
+        if st.gram is None or len(weight.layers) > 1:
+            cost, energy = mask_cost(score.rows, score.input_sqnorm)
+            out.append(error_curve(cost, energy, key, live, per_row, most))
+            continue
+        refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
+        out.append(refit_curve(score.rows, key, live, st.gram, refit, per_row, most, config.seed))
+    return out
 
 
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:

@@ -175,10 +175,17 @@ def upper_inverse(m: np.ndarray, leaf: int = 128) -> np.ndarray:
 
 
 def _sweep(w0: np.ndarray, keep: np.ndarray, h: np.ndarray, block: int, dtype: type) -> np.ndarray:
-    k = w0.shape[1]
     hinv = inverse_cholesky_upper(h.astype(dtype))
     if not np.isfinite(hinv).all():
         raise np.linalg.LinAlgError("the inverse's Cholesky factor is not finite")
+    return sweep_with(hinv, w0, keep, block)
+
+
+def sweep_with(hinv: np.ndarray, w0: np.ndarray, keep: np.ndarray, block: int = SWEEP_BLOCK) -> np.ndarray:
+    """The column sweep for a given factor `U` of `H^-1 = U^T U` (`inverse_cholesky_upper`), in
+    the factor's dtype: one factorisation serves many masks (budgets.refit_curve)."""
+    k = w0.shape[1]
+    dtype = hinv.dtype.type
     w: np.ndarray = w0.astype(dtype, copy=True)
     zero = dtype(0)
     for i1 in range(0, k, block):

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from .allocation import a_coefficient, allocate, draws_for_distinct, eps_bound
-from .budgets import bound_keys, error_counts, floor_counts
+from .budgets import ErrorCurve, bound_keys, counts_from_curves, floor_counts
 from .pattern import Pattern, group_mask, pattern_problem
 
 
@@ -545,7 +545,7 @@ def select(
     in_place: bool = False,
     pattern: Pattern | None = None,
     allocation: str = "global",
-    costs: Sequence[tuple[np.ndarray, float]] | None = None,
+    curves: Sequence[ErrorCurve] | None = None,
 ) -> list[SelectedWeight]:
     """Prune all `weights` together to `sparsity` with `method` (a `Method` value), or, with an
     N:M `pattern`, every weight it fits to that pattern (`sparsity` then unused).
@@ -553,8 +553,8 @@ def select(
     `allocation` (see `budgets`) applies to sipp-det, magnitude and wanda; sipp-rand and
     sipp-hybrid always split the budget by their own sampling bound. 'global': today's rule
     (one threshold; Wanda's uniform ratio); 'sipp': SiPP's shared eps (sipp-det only); 'error':
-    per-tensor counts from the measured error curves, which needs `costs` (per weight, each
-    entry's error cost and the tensor's output energy: `budgets.saliency`)."""
+    per-tensor counts from each tensor's measured error curve (`curves`, in the method's own
+    order, capped by the layer floor: see `budgets.refit_curve`), then the method within each."""
     if pattern is not None:
         return select_pattern(weights, method, pattern, in_place)
     keep = budget(sum(w.rows.size for w in weights), sparsity)
@@ -564,17 +564,9 @@ def select(
         if method != "sipp-det":
             raise ValueError(f"the sipp allocation needs sipp-det's sensitivities, not {method}")
         return select_global(weights, keep, by="bound", layer_floor=layer_floor, in_place=in_place)
-    if allocation != "error" or costs is None:
-        raise ValueError(f"allocation {allocation!r} needs error costs" if costs is None else allocation)
-    floors = floor_counts([w.rows.size for w in weights], keep, layer_floor)
-    counts = error_counts(
-        costs,
-        [pattern_score(w, method) for w in weights],
-        [w.rows for w in weights],
-        keep,
-        per_row=method == "wanda",
-        floors=floors,
-    )
+    if allocation != "error" or curves is None:
+        raise ValueError(f"allocation {allocation!r} needs error curves" if curves is None else allocation)
+    counts = counts_from_curves(curves, [w.rows for w in weights], keep)
     pairs = zip(weights, counts, strict=True)
     return [select_count([w], method, k, seed, 0.0, in_place)[0] for w, k in pairs]
 

@@ -13,14 +13,15 @@ from sipp_onnx.budgets import (
     ErrorCurve,
     bound_keys,
     error_curve,
+    mask_cost,
     norm_shares,
-    saliency,
+    refit_curve,
     split_budget,
     uninformative,
 )
 from sipp_onnx.errors import ConfigError
 from sipp_onnx.refit import damped
-from sipp_onnx.select import WeightScores, select
+from sipp_onnx.select import WeightScores, pattern_score, select
 
 
 def test_bound_keys_match_a_loop():
@@ -69,20 +70,75 @@ def test_uninformative_detects_one_hot_sensitivities():
     assert shares[:, 0].max() == 0  # an input that never fires has no share
 
 
-def test_saliency_is_the_obs_cost_and_the_output_energy():
+def test_mask_cost_is_w_squared_times_the_input_norm():
     rng = np.random.default_rng(4)
-    x = rng.normal(size=(200, 6))
+    w, sq = rng.normal(size=(3, 6)), rng.random((3, 6))
+    cost, total = mask_cost(w, sq)
+    assert np.allclose(cost, w**2 * sq) and total == pytest.approx(float((w**2 * sq).sum()))
+
+
+def _slow_refit_error(w0, keep, h, refit):
+    """Relative squared error of the masked rows, each refitted by its own damped solve (never
+    worse than its mask), summed over rows: one row at a time."""
+    num = den = 0.0
+    for w, k in zip(w0, keep, strict=True):
+        d_mask = np.where(k, 0.0, -w)
+        d = d_mask
+        if refit and k.any() and not k.all():
+            hd = damped(h)
+            s, p = np.flatnonzero(k), np.flatnonzero(~k)
+            new = np.zeros_like(w)
+            new[s] = w[s] + np.linalg.solve(hd[np.ix_(s, s)], hd[np.ix_(s, p)] @ w[p])
+            cand = new - w
+            d = cand if cand @ h @ cand <= d_mask @ h @ d_mask else d_mask
+        num += d @ h @ d
+        den += w @ h @ w
+    return num / den
+
+
+@pytest.mark.parametrize("refit", [True, False])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_refit_curve_matches_one_solve_per_row(refit, per_row):
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))  # correlated inputs
     gram = (x.T @ x)[None]
-    w = rng.normal(size=(3, 6))
-    cost, energy = saliency(w, gram, np.ones_like(w))
-    inverse = np.linalg.inv(damped(gram[0]))
-    for i, j in itertools.product(range(3), range(6)):
-        assert cost[i, j] == pytest.approx(w[i, j] ** 2 / inverse[j, j])
-    assert energy == pytest.approx(float(((x @ w.T) ** 2).sum()))
-    # without the Gram matrix: the mask-only cost w^2 ||a||^2
-    sq = (x**2).sum(0)[None].repeat(3, 0)
-    cost, energy = saliency(w, None, sq)
-    assert np.allclose(cost, w**2 * sq)
+    w = rng.normal(size=(10, 12))
+    key = rng.random((10, 12))
+    live = np.ones_like(w, dtype=bool)
+    curve = refit_curve(w, key, live, gram, refit, per_row, 120)
+    from sipp_onnx.budgets import _masks
+
+    masks = _masks(key, live, per_row, curve.pruned)
+    for n, keep in zip(curve.pruned, masks, strict=True):
+        assert (~keep).sum() == pytest.approx(n, abs=10 if per_row else 0)
+    # the curve is made non-decreasing: pruning more never counts as cheaper
+    want = np.maximum.accumulate([_slow_refit_error(w, keep, gram[0], refit) for keep in masks])
+    assert np.allclose(curve.error, want, rtol=1e-6, atol=1e-12)
+    assert curve.error[0] == 0
+
+
+def test_refit_curve_long_rows_use_the_sweep():
+    """Rows longer than EXACT_WIDTH go through the SparseGPT sweep: the same errors as
+    refit.solve_sweep on the same masks, and never above the mask alone."""
+    from sipp_onnx.budgets import EXACT_WIDTH, _masks
+    from sipp_onnx.refit import solve_sweep
+
+    rng = np.random.default_rng(11)
+    k = EXACT_WIDTH + 8
+    x = rng.normal(size=(2 * k, k))
+    gram = (x.T @ x)[None]
+    w = rng.normal(size=(6, k))
+    key = np.abs(w)
+    live = np.ones_like(w, dtype=bool)
+    curve = refit_curve(w, key, live, gram, True, False, w.size)
+    h = gram[0]
+    want = []
+    for keep in _masks(key, live, False, curve.pruned):
+        d = solve_sweep(w, keep, damped(h)) - w
+        d_mask = np.where(keep, 0.0, -w)
+        per = np.minimum(np.einsum("ik,kl,il->i", d, h, d), np.einsum("ik,kl,il->i", d_mask, h, d_mask))
+        want.append(per.sum() / np.einsum("ik,kl,il->", w, h, w))
+    assert np.allclose(curve.error, np.maximum.accumulate(want), rtol=1e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -131,13 +187,17 @@ def test_split_budget_stops_at_the_curves_ends():
 @pytest.mark.parametrize("sparsity", [0.3, 0.7, 0.9])
 def test_error_allocation_reaches_the_target(method, sparsity):
     rng = np.random.default_rng(7)
-    weights, costs = [], []
+    weights, curves = [], []
     for n, k in ((12, 30), (8, 12), (5, 8)):
         w = rng.normal(size=(n, k)).astype(np.float32)
         sq = rng.random((n, k)) + 0.1
-        weights.append(WeightScores(w, rng.random((n, k)).astype(np.float32), sq))
-        costs.append(saliency(w, None, sq))
-    out = select(weights, method, sparsity, allocation="error", costs=costs)
+        score = WeightScores(w, rng.random((n, k)).astype(np.float32), sq)
+        weights.append(score)
+        cost, total = mask_cost(w, sq)
+        curves.append(
+            error_curve(cost, total, pattern_score(score, method), w != 0, method == "wanda", w.size)
+        )
+    out = select(weights, method, sparsity, allocation="error", curves=curves)
     total = sum(w.rows.size for w in weights)
     zeros = sum(int((s.rows == 0).sum()) for s in out)
     assert abs(zeros / total - sparsity) <= 0.02  # wanda rounds per row
@@ -146,13 +206,14 @@ def test_error_allocation_reaches_the_target(method, sparsity):
 def test_error_allocation_spares_the_layer_that_costs_more():
     """Two equal layers, one whose inputs are 100x larger: the cheap one is pruned more."""
     rng = np.random.default_rng(8)
-    weights, costs = [], []
+    weights, curves = [], []
     for scale in (1.0, 100.0):
         w = rng.normal(size=(10, 20)).astype(np.float32)
         sq = np.full((10, 20), scale)
         weights.append(WeightScores(w, rng.random((10, 20)).astype(np.float32), sq))
-        costs.append((w.astype(np.float64) ** 2 * sq, 1.0))  # energies alike: raw costs compare
-    out = select(weights, "magnitude", 0.5, allocation="error", costs=costs)
+        cost, _ = mask_cost(w, sq)
+        curves.append(error_curve(cost, 1.0, np.abs(w), w != 0, False, w.size))  # raw costs compare
+    out = select(weights, "magnitude", 0.5, allocation="error", curves=curves)
     assert np.mean(out[0].rows == 0) > np.mean(out[1].rows == 0)
 
 
