@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .refit import damped, inverse_cholesky_upper, sweep_with
+from .refit import damped, inverse_cholesky_upper, solve_exact, sweep_with
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ GRID_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 
 interpolates between them along the curve's convex hull."""
 SAMPLE_ROWS = 64
 """Rows per layer the refit error is measured on."""
-EXACT_WIDTH = 256
+EXACT_WIDTH = 64
 """Rows up to this long are solved exactly (batched); longer ones by the sweep."""
 UNINFORMATIVE_ROWS = 0.5
 """A weight whose sensitivities are constant over the non-zero entries of more than this share of
@@ -145,69 +145,41 @@ def refit_curve(
     Measured, not modelled: the errors of separate weights do not add up (a row's kept weights
     compensate the first ones pruned almost fully, the last ones not at all; summing each
     weight's optimal-brain-surgeon cost underestimated a 97 %-pruned layer's error ten times).
-    Rows are independent, so a sample of `SAMPLE_ROWS` rows gives the layer's ratio; each mask
-    is solved like the refit does (one damped solve per row for short rows, the SparseGPT sweep
-    with one factorisation per layer for long ones), a row never worse than its mask alone.
+    Rows are independent, so a sample of `SAMPLE_ROWS` rows gives the layer's ratio. Each mask
+    is solved as the refit solves it (`refit.solve_exact` for short rows, the SparseGPT sweep
+    for long ones, one factorisation per group for every mask), a row never worse than its mask.
+    The curve is made non-decreasing: pruning more never counts as cheaper.
     """
-    n, width = rows.shape
-    groups = gram.shape[0]
-    per = n // groups
+    n = rows.shape[0]
+    per = n // gram.shape[0]
     counts = _grid(most)
     sample = np.arange(n)
     if n > SAMPLE_ROWS:
         sample = np.sort(np.random.default_rng(seed).choice(n, SAMPLE_ROWS, replace=False))
+    masks = np.stack([m[sample] for m in _masks(key, live, per_row, counts)])  # [G, R, K]
     w0 = rows[sample].astype(np.float64)
-    group_of = sample // per
-    masks = [m[sample] for m in _masks(key, live, per_row, counts)]
-    hs = gram[group_of].astype(np.float64)  # [R, K, K]: each sampled row's Gram matrix
-    energy = float(np.einsum("rk,rkl,rl->", w0, hs, w0))
-    errors = []
-    factors: dict[int, np.ndarray] = {}
-    for keep in masks:
-        delta = np.where(keep, 0.0, -w0)
-        if refit and not keep.all():
-            new = _solve_rows(w0, keep, hs, group_of, gram, factors)
-            candidate = new - w0
-            worse = np.einsum("rk,rkl,rl->r", candidate, hs, candidate) > np.einsum(
-                "rk,rkl,rl->r", delta, hs, delta
-            )
-            delta = np.where(worse[:, None], delta, candidate)
-        err = float(np.einsum("rk,rkl,rl->", delta, hs, delta))
-        errors.append(err / energy if energy > 0 else 0.0)
-    return ErrorCurve(counts, np.maximum.accumulate(np.array(errors)))
-
-
-def _solve_rows(
-    w0: np.ndarray,
-    keep: np.ndarray,
-    hs: np.ndarray,
-    group_of: np.ndarray,
-    gram: np.ndarray,
-    factors: dict[int, np.ndarray],
-) -> np.ndarray:
-    """Refitted rows for one mask: batched exact solves for short rows, the sweep otherwise."""
-    width = w0.shape[1]
-    if width <= EXACT_WIDTH:
-        out = np.where(keep, w0, 0.0)
-        pruned = ~keep
-        todo = keep.any(axis=1) & pruned.any(axis=1)
-        if not todo.any():
-            return out
-        h = np.stack([damped(x) for x in hs[todo]])
-        rhs = (w0[todo] * pruned[todo])[:, None, :] @ h
-        rhs = rhs[:, 0, :] * keep[todo]
-        both = keep[todo][:, :, None] & keep[todo][:, None, :]
-        systems = np.where(both, h, 0.0) + pruned[todo][:, :, None] * np.eye(width)[None]
-        delta = np.linalg.solve(systems, rhs[:, :, None])[:, :, 0]
-        out[todo] = np.where(keep[todo], w0[todo] + delta, 0.0)
-        return out
-    out = np.empty_like(w0)
-    for g in np.unique(group_of):
-        if g not in factors:
-            factors[int(g)] = inverse_cholesky_upper(damped(gram[g]).astype(np.float32))
-        mine = group_of == g
-        out[mine] = sweep_with(factors[int(g)], w0[mine], keep[mine]).astype(np.float64)
-    return out
+    errors = np.zeros(len(counts))
+    energy = 0.0
+    for g in np.unique(sample // per):
+        mine = sample // per == g
+        h = np.asarray(gram[g], dtype=np.float64)
+        w = w0[mine]
+        energy += float(((w @ h) * w).sum())
+        keep = masks[:, mine].reshape(-1, w.shape[1])
+        tiled = np.tile(w, (len(counts), 1))
+        delta = np.where(keep, 0.0, -tiled)
+        err = ((delta @ h) * delta).sum(axis=1)
+        if refit:
+            hd = damped(h)
+            if w.shape[1] <= EXACT_WIDTH:
+                new = solve_exact(tiled, keep, hd)
+            else:
+                new = sweep_with(inverse_cholesky_upper(hd.astype(np.float32)), tiled, keep)
+            moved = new.astype(np.float64) - tiled
+            err = np.minimum(err, ((moved @ h) * moved).sum(axis=1))
+        errors += err.reshape(len(counts), -1).sum(axis=1)
+    scale = 1.0 / energy if energy > 0 else 0.0
+    return ErrorCurve(counts, np.maximum.accumulate(errors * scale))
 
 
 def error_curve(
