@@ -65,10 +65,13 @@ class Allocation(StrEnum):
 
     GLOBAL is the original rule: one threshold over every score (Wanda: the same ratio in every
     row). SIPP is SiPP's shared error level eps: every row prunes while its summed sensitivity
-    stays within eps (sipp-det only). ERROR splits the budget by each tensor's measured output
-    error curve, read off the calibration statistics, for the least summed relative error.
+    stays within eps (sipp-det only). ERROR splits the budget by each tensor's measured
+    mask-plus-refit error curve, for the least summed relative error. AUTO (the default) is
+    ERROR for sipp-det and GLOBAL for magnitude and wanda, so the baselines stay the published
+    methods; sipp-rand and sipp-hybrid always split by their own sampling bound.
     """
 
+    AUTO = "auto"
     GLOBAL = "global"
     SIPP = "sipp"
     ERROR = "error"
@@ -110,7 +113,7 @@ class PruneConfig:
     reduction: Reduction = Reduction.MAX
     terms: Terms = Terms.ABSOLUTE
     refit: Refit = Refit.OBS
-    allocation: Allocation = Allocation.GLOBAL
+    allocation: Allocation = Allocation.AUTO
     """How the target is split across tensors (sipp-det, magnitude, wanda; see Allocation)."""
     sequential: bool = False
     """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
@@ -198,6 +201,16 @@ class PruneConfig:
         object.__setattr__(self, "pattern", structure.label if structure else "unstructured")
         if structure is not None:  # the pattern decides each layer's sparsity
             object.__setattr__(self, "sparsity", structure.sparsity)
+
+    @property
+    def effective_allocation(self) -> Allocation:
+        """The allocation that applies: AUTO resolved for the method; GLOBAL (unused) for N:M
+        patterns, which fix every count, and for sipp-rand/-hybrid, which sample."""
+        if self.method in (Method.SIPP_RAND, Method.SIPP_HYBRID) or self.pattern != "unstructured":
+            return Allocation.GLOBAL
+        if self.allocation is Allocation.AUTO:
+            return Allocation.ERROR if self.method is Method.SIPP_DET else Allocation.GLOBAL
+        return self.allocation
 
     @property
     def structure(self) -> Pattern | None:

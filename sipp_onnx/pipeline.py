@@ -253,7 +253,11 @@ def prepare(
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
     want_gram = gram if gram is not None else config.refit is not Refit.NONE
-    measure = statistics if statistics is not None else config.method is Method.WANDA
+    measure = (
+        statistics
+        if statistics is not None
+        else config.method is Method.WANDA or config.effective_allocation is Allocation.ERROR
+    )
     # The weights are read when first needed: before the pass for the sensitivities, after it
     # otherwise, so that they and ONNX Runtime's copy of the model are not in memory together.
     weights: dict[str, np.ndarray] = {}
@@ -343,7 +347,7 @@ def apply(
     t1 = time.perf_counter()
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
     before = [_before(s) for s in scores]  # the weights may be pruned in place below
-    allocation = _allocation(config)
+    allocation = config.effective_allocation
     notes = [""] * len(scores)
     if allocation is not Allocation.GLOBAL and config.method.value.startswith("sipp"):
         scores, notes = _informative(scores)
@@ -613,20 +617,12 @@ def _sequential(
     return refits
 
 
-def _allocation(config: PruneConfig) -> Allocation:
-    """The allocation that applies: sipp-rand and sipp-hybrid always split by their sampling
-    bound (reported as 'sampling'), N:M patterns fix every count."""
-    if config.method in (Method.SIPP_RAND, Method.SIPP_HYBRID) or config.structure is not None:
-        return Allocation.GLOBAL
-    return config.allocation
-
-
 def _allocation_label(config: PruneConfig) -> str:
     if config.structure is not None:
         return "pattern"
     if config.method in (Method.SIPP_RAND, Method.SIPP_HYBRID):
         return "sampling"
-    return config.allocation.value
+    return config.effective_allocation.value
 
 
 def _informative(scores: list[WeightScores]) -> tuple[list[WeightScores], list[str]]:

@@ -229,7 +229,12 @@ def sweep(
         progress,
         sensitivity=any(v.method.value.startswith("sipp") for v in variants),
         gram=any(v.refit is not Refit.NONE for v in variants),
-        statistics=any(v.method is Method.WANDA for v in variants),
+        statistics=any(
+            v.method is Method.WANDA
+            or replace(base, method=v.method, allocation=v.allocation or base.allocation).effective_allocation
+            is Allocation.ERROR
+            for v in variants
+        ),
     )
     prepare_seconds = time.perf_counter() - t0
     dense = Reference(
