@@ -46,11 +46,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER_VERSION = "0.8.1"
 OURS = (
     "sipp-det+obs",
-    "sipp-det+obs@sipp",
     "sipp-det+obs@error",
+    "sipp-det+obs@sipp",
     "sipp-det+none",
     "sipp-hybrid+obs",
-    "sipp-hybrid+none",
     "magnitude+none",
     "magnitude+obs",
     "magnitude+obs@error",
@@ -372,7 +371,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default="lenet300,cnn,tokens,magika,minilm,minilm6,mobilenet,textcls")
+    parser.add_argument("--models", default="lenet300,cnn,tokens,textcls,mobilenet,magika,minilm,minilm6")
     parser.add_argument("--sparsities", default="0.3,0.5,0.7,0.8,0.9")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bench-models", type=Path, default=ROOT / "bench_models")
