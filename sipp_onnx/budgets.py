@@ -167,16 +167,15 @@ def refit_curve(
         energy += float(((w @ h) * w).sum())
         keep = masks[:, mine].reshape(-1, w.shape[1])
         tiled = np.tile(w, (len(counts), 1))
-        delta = np.where(keep, 0.0, -tiled)
-        err = ((delta @ h) * delta).sum(axis=1)
+        h32 = h.astype(np.float32)  # the errors only rank layers: float32 products suffice
+        err = _quadratic(np.where(keep, 0.0, -tiled), h32)
         if refit:
             hd = damped(h)
             if w.shape[1] <= EXACT_WIDTH:
                 new = solve_exact(tiled, keep, hd)
             else:
                 new = sweep_with(inverse_cholesky_upper(hd.astype(np.float32)), tiled, keep)
-            moved = new.astype(np.float64) - tiled
-            err = np.minimum(err, ((moved @ h) * moved).sum(axis=1))
+            err = np.minimum(err, _quadratic(new.astype(np.float64) - tiled, h32))
         errors += err.reshape(len(counts), -1).sum(axis=1)
     scale = 1.0 / energy if energy > 0 else 0.0
     return ErrorCurve(counts, np.maximum.accumulate(errors * scale))
@@ -203,6 +202,12 @@ def error_curve(
         per = min(width, int(round(c / n))) if n else 0
         errors.append(summed[:, per].sum() * scale)
     return ErrorCurve(counts, np.array(errors))
+
+
+def _quadratic(delta: np.ndarray, h32: np.ndarray) -> np.ndarray:
+    """`d^T H d` per row, from float32 products summed in float64."""
+    d = delta.astype(np.float32)
+    return ((d @ h32) * d).sum(axis=1, dtype=np.float64)
 
 
 def _hull(x: np.ndarray, y: np.ndarray) -> list[int]:
