@@ -106,27 +106,28 @@ def _grid(most: int) -> np.ndarray:
     return np.unique(np.round(np.asarray(GRID_FRACTIONS) * most).astype(np.int64))
 
 
-def _masks(key: np.ndarray, live: np.ndarray, per_row: bool, counts: np.ndarray) -> list[np.ndarray]:
-    """Kept masks `[N, K]` pruning the `n` lowest keys (layer-wide, or `per_row` the same
-    fraction of every row's live weights) for each n in `counts`."""
+def _masks(
+    key: np.ndarray, live: np.ndarray, per_row: bool, counts: np.ndarray, rows: np.ndarray | None = None
+) -> list[np.ndarray]:
+    """Kept masks pruning the `n` lowest keys (layer-wide, or `per_row` the same fraction of
+    every row's live weights) for each n in `counts`, of the rows `rows` (default: all)."""
     ranked = np.where(live, key, np.inf)
     n_live = int(live.sum())
-    out = []
     if per_row:
         order = np.argsort(ranked, axis=1, kind="stable")
         rank = np.empty_like(order)
         np.put_along_axis(rank, order, np.arange(key.shape[1])[None].repeat(key.shape[0], 0), axis=1)
         per_live = live.sum(axis=1, keepdims=True)
-        for n in counts:
-            cut = np.round(per_live * (n / n_live if n_live else 0.0))
-            out.append(live & (rank >= cut))
-        return out
+        if rows is not None:
+            rank, per_live, live = rank[rows], per_live[rows], live[rows]
+        return [live & (rank >= np.round(per_live * (n / n_live if n_live else 0.0))) for n in counts]
     order = np.argsort(ranked.ravel(), kind="stable")
-    for n in counts:
-        keep = live.ravel().copy()
-        keep[order[:n]] = False
-        out.append(keep.reshape(key.shape))
-    return out
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    rank = rank.reshape(key.shape)
+    if rows is not None:
+        rank, live = rank[rows], live[rows]
+    return [live & (rank >= n) for n in counts]
 
 
 def refit_curve(
@@ -138,6 +139,7 @@ def refit_curve(
     per_row: bool,
     most: int,
     seed: int = 0,
+    factors: dict[int, np.ndarray] | None = None,
 ) -> ErrorCurve:
     """The layer's relative squared output error on the calibration data after pruning its
     lowest keys and (with `refit`) re-solving the kept weights, at `GRID_FRACTIONS` of `most`.
@@ -148,7 +150,8 @@ def refit_curve(
     Rows are independent, so a sample of `SAMPLE_ROWS` rows gives the layer's ratio. Each mask
     is solved as the refit solves it (`refit.solve_exact` for short rows, the SparseGPT sweep
     for long ones, one factorisation per group for every mask), a row never worse than its mask.
-    The curve is made non-decreasing: pruning more never counts as cheaper.
+    The curve is made non-decreasing: pruning more never counts as cheaper. `factors`, when
+    given, receives each group's sweep factor for the refit to reuse (`refit_layer(factors=)`).
     """
     n = rows.shape[0]
     per = n // gram.shape[0]
@@ -156,7 +159,7 @@ def refit_curve(
     sample = np.arange(n)
     if n > SAMPLE_ROWS:
         sample = np.sort(np.random.default_rng(seed).choice(n, SAMPLE_ROWS, replace=False))
-    masks = np.stack([m[sample] for m in _masks(key, live, per_row, counts)])  # [G, R, K]
+    masks = np.stack(_masks(key, live, per_row, counts, sample))  # [G, R, K]
     w0 = rows[sample].astype(np.float64)
     errors = np.zeros(len(counts))
     energy = 0.0
@@ -174,7 +177,10 @@ def refit_curve(
             if w.shape[1] <= EXACT_WIDTH:
                 new = solve_exact(tiled, keep, hd)
             else:
-                new = sweep_with(inverse_cholesky_upper(hd.astype(np.float32)), tiled, keep)
+                factor = _factor(hd)
+                if factors is not None and factor.dtype == np.float32:
+                    factors[int(g)] = factor
+                new = sweep_with(factor, tiled, keep)
             err = np.minimum(err, _quadratic(new.astype(np.float64) - tiled, h32))
         errors += err.reshape(len(counts), -1).sum(axis=1)
     scale = 1.0 / energy if energy > 0 else 0.0
@@ -202,6 +208,18 @@ def error_curve(
         per = min(width, int(round(c / n))) if n else 0
         errors.append(summed[:, per].sum() * scale)
     return ErrorCurve(counts, np.array(errors))
+
+
+def _factor(hd: np.ndarray) -> np.ndarray:
+    """The sweep's factor of the damped `H`: float32 as the refit's, float64 where float32
+    cannot factor it (the refit falls back the same way)."""
+    try:
+        factor = inverse_cholesky_upper(hd.astype(np.float32))
+        if np.isfinite(factor).all():
+            return factor
+    except np.linalg.LinAlgError:
+        pass
+    return inverse_cholesky_upper(hd)
 
 
 def _quadratic(delta: np.ndarray, h32: np.ndarray) -> np.ndarray:

@@ -348,6 +348,8 @@ def apply(
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
     before = [_before(s) for s in scores]  # the weights may be pruned in place below
     allocation = config.effective_allocation
+    factors: dict[str, dict[int, np.ndarray]] = {}
+    """Weight -> the sweep factors the error allocation computed, for the refit to reuse."""
     notes = [""] * len(scores)
     if allocation is not Allocation.GLOBAL and config.method.value.startswith("sipp"):
         scores, notes = _informative(scores)
@@ -359,7 +361,7 @@ def apply(
         curves = None
         if allocation is Allocation.ERROR and config.structure is None:
             t_alloc = time.perf_counter()
-            curves = _curves(found, scores, stats, config)
+            curves = _curves(found, scores, stats, config, factors)
             timings["allocation"] = time.perf_counter() - t_alloc
         # A used-up model keeps only the masked weights when nothing needs the original values.
         in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
@@ -387,7 +389,15 @@ def apply(
         t_refit = time.perf_counter()
         for i, (w, score) in enumerate(zip(found.weights, scores, strict=True)):
             selected[i], refits[i] = _refit(
-                proto, protos, w, score, selected[i], stats, config.refit, prepared.base_dir
+                proto,
+                protos,
+                w,
+                score,
+                selected[i],
+                stats,
+                config.refit,
+                prepared.base_dir,
+                factors.pop(w.name, None),
             )
             if progress is not None:
                 progress("refit", i + 1, len(selected))
@@ -644,7 +654,11 @@ def _informative(scores: list[WeightScores]) -> tuple[list[WeightScores], list[s
 
 
 def _curves(
-    found: Discovery, scores: list[WeightScores], stats: Mapping[str, LayerStatistics], config: PruneConfig
+    found: Discovery,
+    scores: list[WeightScores],
+    stats: Mapping[str, LayerStatistics],
+    config: PruneConfig,
+    factors: dict[str, dict[int, np.ndarray]],
 ) -> list[ErrorCurve]:
     """Every weight's error curve for the error allocation (see `budgets.refit_curve`), in the
     method's own order, each ending where the layer floor stops it.
@@ -672,7 +686,12 @@ def _curves(
             out.append(error_curve(cost, energy, key, live, per_row, most))
             continue
         refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
-        out.append(refit_curve(score.rows, key, live, st.gram, refit, per_row, most, config.seed))
+        mine = (
+            factors.setdefault(weight.name, {})
+            if config.refit is Refit.OBS and not config.sequential
+            else None
+        )
+        out.append(refit_curve(score.rows, key, live, st.gram, refit, per_row, most, config.seed, mine))
     return out
 
 
@@ -699,8 +718,10 @@ def _refit(
     stats: Mapping[str, LayerStatistics],
     mode: Refit,
     base_dir: Path | None,
+    factors: dict[int, np.ndarray] | None = None,
 ) -> tuple[SelectedWeight, RefitReport]:
-    """Refit one weight's kept entries (and its bias); the bias tensor is updated in `proto`."""
+    """Refit one weight's kept entries (and its bias); the bias tensor is updated in `proto`.
+    `factors`: the sweep factors the error allocation already computed (see refit_layer)."""
     layer = weight.primary
     if len(weight.layers) > 1:
         return sel, RefitReport("skipped", f"shared by {len(weight.layers)} layers: mask only")
@@ -717,6 +738,7 @@ def _refit(
         st.points,
         weights=mode is Refit.OBS,
         bias=layer.bias is not None,
+        factors=factors,
     )
     bias_tensor = None
     if layer.bias is not None and outcome.bias_shift is not None:

@@ -214,11 +214,14 @@ def refit_layer(
     bias: bool = True,
     damp: float = DAMP,
     exact_flops: float = EXACT_FLOPS,
+    factors: dict[int, np.ndarray] | None = None,
 ) -> RefitOutcome:
     """Refit the kept entries of `masked` (rows `[N, K]`, zeros pruned) towards the dense `w0`.
 
     `gram [G, K, K]` and `input_sum [G, K]` are the sums over the `points` calibration points of
     each group's input (G = 1 except for grouped Conv, whose N rows split evenly into G groups).
+    `factors`: group -> the sweep's float32 factor of the damped `H`, already computed (by the
+    error allocation's `budgets.refit_curve`), so it is not factorised twice.
     """
     n, k = w0.shape
     groups = gram.shape[0]
@@ -241,7 +244,12 @@ def refit_layer(
         if not weights or keep[rows].all():
             continue
         hd = damped(h, damp)
-        cand = solve_exact(w0[rows], keep[rows], hd) if use_exact else solve_sweep(w0[rows], keep[rows], hd)
+        if use_exact:
+            cand = solve_exact(w0[rows], keep[rows], hd)
+        elif factors is not None and g in factors and damp == DAMP:
+            cand = sweep_with(factors[g], w0[rows], keep[rows]).astype(np.float64)
+        else:
+            cand = solve_sweep(w0[rows], keep[rows], hd)
         solver = "exact" if use_exact else "sparsegpt"
         cand_err = quadratic_error(h, cand - w0_64[rows])
         better = cand_err < before[rows]

@@ -268,3 +268,21 @@ def test_one_hot_layer_is_ranked_by_norm_and_reported(tmp_path):
     assert notes["global"] == {"embed": "", "head": ""}
     for allocation in ("sipp", "error"):
         assert "uninformative" in notes[allocation]["embed"] and notes[allocation]["head"] == ""
+
+
+def test_refit_reuses_the_allocations_factor_with_the_same_result():
+    """The factor refit_curve hands over gives the refit exactly what it computes itself."""
+    from sipp_onnx.refit import refit_layer
+
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(400, 80))
+    gram, total = (x.T @ x)[None], x.sum(0)[None]
+    w = rng.normal(size=(300, 80)).astype(np.float32)
+    factors: dict = {}
+    refit_curve(w, np.abs(w), w != 0, gram, True, False, w.size, factors=factors)
+    assert set(factors) == {0}
+    masked = np.where(np.abs(w) > 0.8, w, 0).astype(np.float32)
+    plain = refit_layer(w, masked, gram, total, 400, exact_flops=0)
+    reused = refit_layer(w, masked, gram, total, 400, exact_flops=0, factors=factors)
+    assert plain.solver == reused.solver == "sparsegpt"
+    np.testing.assert_array_equal(plain.rows, reused.rows)
