@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -60,23 +60,29 @@ def capture(
     progress: Progress | None = None,
     mask_input: str | None = None,
     base_dir: Path | None = None,
+    teacher: onnx.ModelProto | None = None,
+    paired: Mapping[str, tuple[int, list[Accumulator]]] | None = None,
 ) -> CaptureResult:
     """Run `model` over `data`, feeding input tensor `name` of every batch to `accumulators[name]`.
 
     With `mask_input` (a graph input such as `attention_mask`), each batch's mask goes along, so
     padding tokens are not counted as calibration points. `base_dir` is where the model's
-    external tensors are.
+    external tensors are. With a `teacher` (the dense model, same tensor names), every batch
+    also runs through it, and each `paired[name] = (axis, accumulators)` receives the model's
+    and the teacher's `name` concatenated along `axis`: their Gram matrix holds the cross
+    products the sequential refit needs to fit the dense model's outputs.
     """
     graph_inputs = {i.name for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     wanted = [name for name in accumulators if name not in graph_inputs]
-    added = add_outputs(model, wanted)
+    paired = paired or {}
+    wanted += [name for name in paired if name not in graph_inputs and name not in wanted]
     t_session = time.perf_counter()
-    try:
-        session, used = make_session(model, provider, optimize=False, base_dir=base_dir)
-    finally:
-        if added:
-            del model.graph.output[-added:]
+    session, used = _session(model, wanted, provider, base_dir)
+    taught_names = [name for name in paired if name not in graph_inputs]
+    teaching = None
+    if teacher is not None and paired:
+        teaching = _session(teacher, taught_names, provider, base_dir)[0]
     session_s = time.perf_counter() - t_session
     fetch = list(dict.fromkeys(outputs + wanted))
     total = data.n_batches(batch_size)
@@ -97,6 +103,17 @@ def capture(
             first_feed = {k: v.copy() for k, v in feed.items()}
             first_outputs = {k: values[k] for k in outputs}
         mask = feed.get(mask_input) if mask_input is not None else None
+        if teaching is not None:
+            # (an empty list of outputs would make ONNX Runtime return every graph output)
+            taught = (
+                dict(zip(taught_names, teaching.run(taught_names, feed), strict=True)) if taught_names else {}
+            )
+            for name, (axis, accs) in paired.items():
+                own = feed[name] if name in graph_inputs else values[name]
+                both = np.concatenate([own, feed[name] if name in graph_inputs else taught[name]], axis=axis)
+                for acc in accs:
+                    acc.update(both, mask)
+            del taught
         for name, accs in accumulators.items():
             x = feed[name] if name in graph_inputs else values[name]
             if name not in graph_inputs and x.dtype.kind == "f" and not np.isfinite(x).all():
@@ -113,3 +130,15 @@ def capture(
         if progress is not None:
             progress("capture", index + 1, total)
     return CaptureResult(used, samples, total, first_feed, first_outputs, run_s, stats_s, session_s)
+
+
+def _session(
+    model: onnx.ModelProto, wanted: list[str], provider: Provider, base_dir: Path | None
+) -> tuple[Any, str]:
+    """A session of `model` with the tensors `wanted` as extra outputs (the model is restored)."""
+    added = add_outputs(model, wanted)
+    try:
+        return make_session(model, provider, optimize=False, base_dir=base_dir)
+    finally:
+        if added:
+            del model.graph.output[-added:]

@@ -290,8 +290,8 @@ def _measure_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--sequential",
     is_flag=True,
-    help="Measure each layer on the outputs of the already pruned earlier layers "
-    "(one calibration pass per layer depth).",
+    help="Measure each layer on the outputs of the already pruned earlier layers and refit it to "
+    "the dense model's outputs (one calibration pass per layer depth).",
 )
 @click.option(
     "--store",

@@ -116,8 +116,9 @@ class PruneConfig:
     allocation: Allocation = Allocation.AUTO
     """How the target is split across tensors (sipp-det, magnitude, wanda; see Allocation)."""
     sequential: bool = False
-    """Measure each layer on the outputs of the already pruned (and refitted) earlier layers:
-    one more calibration pass per layer depth, so later layers compensate earlier errors."""
+    """Measure each layer on the outputs of the already pruned (and refitted) earlier layers and
+    (with the OBS refit) fit it to the dense model's outputs: one more calibration pass per layer
+    depth, so later layers compensate earlier errors instead of compounding them."""
     layer_floor: float = 0.25
     """sipp-det and magnitude: every weight tensor keeps at least this fraction of the average
     kept fraction (0.25 at 90 % sparsity: at least 2.5 % of each tensor), so one global

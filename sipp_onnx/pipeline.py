@@ -40,7 +40,7 @@ from .modelio import (
     tensor_protos,
 )
 from .pattern import pattern_problem
-from .refit import RefitOutcome, refit_layer
+from .refit import RefitOutcome, damped, refit_layer
 from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
 from .select import (
@@ -537,8 +537,12 @@ def _calibrate(
     gram: bool,
     mask_input: str | None,
     base_dir: Path | None,
+    teacher: onnx.ModelProto | None = None,
+    paired: dict[str, LayerStatistics] | None = None,
 ) -> tuple[dict[str, LayerStatistics], CaptureResult]:
-    """One streamed pass over the calibration data; statistics per layer node."""
+    """One streamed pass over the calibration data; statistics per layer node. With a `teacher`
+    (the dense model), `paired` receives, per layer node that `_pairable`, the Gram matrix of its
+    input here concatenated with its input in the teacher (see `_teacher_target`)."""
     if gram:
         size = gram_bytes(found)
         if size > 2**30:
@@ -556,14 +560,76 @@ def _calibrate(
             acc = _accumulator(layer, values, config, sensitivity, gram, data.samples)
             accumulators.setdefault(layer.input, []).append(acc)
             by_node[layer.node] = acc
+    pairs: dict[str, tuple[int, list[Accumulator]]] = {}
+    pair_nodes: dict[str, DenseAccumulator | ConvAccumulator] = {}
+    if teacher is not None:
+        for w in found.weights:
+            layer = w.primary
+            if not _pairable(w):
+                continue
+            n, k = to_rows(np.broadcast_to(np.float32(0), w.shape), layer.layout).shape
+            rows = np.broadcast_to(np.float32(0), (n, 2 * k))
+            seed, terms = config.seed, config.terms.value
+            pair: DenseAccumulator | ConvAccumulator
+            if layer.conv is not None:
+                pair = ConvAccumulator(rows, layer.conv, "max", False, terms, True, None, seed)
+            else:
+                pair = DenseAccumulator(rows, False, False, "max", terms, True, None, seed)
+            pairs.setdefault(layer.input, (1 if layer.conv is not None else -1, []))[1].append(pair)
+            pair_nodes[layer.node] = pair
     captured = capture(
-        proto, data, accumulators, config.batch_size, config.provider, progress, mask_input, base_dir
+        proto,
+        data,
+        accumulators,
+        config.batch_size,
+        config.provider,
+        progress,
+        mask_input,
+        base_dir,
+        teacher,
+        pairs,
     )
     accumulators.clear()
+    pairs.clear()
     results = {}
     for node in list(by_node):  # each accumulator's running statistics freed after its result
         results[node] = by_node.pop(node).result()
+    if paired is not None:
+        for node in list(pair_nodes):
+            paired[node] = pair_nodes.pop(node).result()
     return results, captured
+
+
+def _pairable(weight: PrunableWeight) -> bool:
+    """Whether the sequential refit can fit this weight to the dense model's outputs: one use,
+    and an input whose points concatenate along one axis (a Gemm/MatMul without transA, or an
+    ungrouped Conv)."""
+    layer = weight.primary
+    if len(weight.layers) != 1:
+        return False
+    return layer.conv.group == 1 if layer.conv is not None else not layer.transpose_input
+
+
+def _teacher_target(rows: np.ndarray, pair: LayerStatistics) -> tuple[np.ndarray, np.ndarray]:
+    """The rows `w*` whose output on this model's inputs `x~` is closest to the dense layer's
+    output `w0 x` on the dense inputs, and the bias shift that makes their means agree.
+
+    With `H~ = sum x~ x~^T` and `C = sum x~ x^T` (the blocks of the paired Gram matrix), `w* = H~^-1
+    C w0` (damped as the refit damps). The refit of `w*` under `H~` then minimises
+    `sum (w x~ - w0 x)^2` for the kept weights: the dense model's outputs are the target, so the
+    errors of earlier layers do not compound. `w0 m - w* m~` (`m`, `m~` the mean inputs) is what
+    remains of the mean difference."""
+    assert pair.gram is not None and pair.input_sum is not None
+    k = rows.shape[1]
+    gram, sums = pair.gram[0], pair.input_sum[0]
+    w0 = rows.astype(np.float64)
+    target = np.linalg.solve(damped(gram[:k, :k]), gram[:k, k:] @ w0.T).T
+    # An input that is always 0 in this model (a unit whose weights were all pruned upstream)
+    # gets w* = 0; its weights keep their dense values, so the kept count stays the budget.
+    target = np.where((target == 0) & (w0 != 0), w0, target)
+    points = max(pair.points, 1)
+    shift = w0 @ (sums[k:] / points) - target @ (sums[:k] / points)
+    return target, shift
 
 
 def layer_stages(proto: onnx.ModelProto, found: Discovery) -> list[list[int]]:
@@ -603,12 +669,28 @@ def _sequential(
     found, weights, data = prepared.found, prepared.weights, prepared.data
     refits: list[RefitReport | None] = [None] * len(selected)
     stages = layer_stages(proto, found)
+    teacher = None
+    if config.refit is Refit.OBS:  # the dense model, before any stage is written
+        teacher = onnx.ModelProto()
+        teacher.CopyFrom(proto)
     for n, stage in enumerate(stages):
         sub = Discovery(tuple(found.weights[i] for i in stage), ())
         sens = config.method.value.startswith("sipp")
         gram = config.refit is not Refit.NONE
+        paired: dict[str, LayerStatistics] = {}
         stats, _ = _calibrate(
-            proto, sub, weights, data, config, None, sens, gram, prepared.mask_input, prepared.base_dir
+            proto,
+            sub,
+            weights,
+            data,
+            config,
+            None,
+            sens,
+            gram,
+            prepared.mask_input,
+            prepared.base_dir,
+            teacher if n > 0 else None,  # the first stage's inputs are the dense model's
+            paired,
         )
         for i in stage:
             w = found.weights[i]
@@ -619,7 +701,11 @@ def _sequential(
             elif config.method is not Method.MAGNITUDE:
                 sel = select_count([score], config.method.value, selected[i].kept, config.seed)[0]
             if config.refit is not Refit.NONE:
-                sel, refits[i] = _refit(proto, protos, w, score, sel, stats, config.refit, prepared.base_dir)
+                pair = paired.get(w.primary.node)
+                target = _teacher_target(score.rows, pair) if pair is not None else None
+                sel, refits[i] = _refit(
+                    proto, protos, w, score, sel, stats, config.refit, prepared.base_dir, target=target
+                )
             scores[i], selected[i] = score, sel
             write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
         if progress is not None:
@@ -719,9 +805,12 @@ def _refit(
     mode: Refit,
     base_dir: Path | None,
     factors: dict[int, np.ndarray] | None = None,
+    target: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[SelectedWeight, RefitReport]:
     """Refit one weight's kept entries (and its bias); the bias tensor is updated in `proto`.
-    `factors`: the sweep factors the error allocation already computed (see refit_layer)."""
+    `factors`: the sweep factors the error allocation already computed (see refit_layer).
+    `target`: rows to refit towards instead of the dense ones, and a bias shift to add (the
+    sequential refit's `_teacher_target`)."""
     layer = weight.primary
     if len(weight.layers) > 1:
         return sel, RefitReport("skipped", f"shared by {len(weight.layers)} layers: mask only")
@@ -730,9 +819,10 @@ def _refit(
         return sel, RefitReport("skipped", "no calibration statistics")
     if np.array_equal(sel.rows, score.rows):
         return sel, RefitReport("none", "nothing pruned", 0.0, 0.0)
+    reference = score.rows if target is None else target[0]
     outcome: RefitOutcome = refit_layer(
-        score.rows,
-        sel.rows,
+        reference,
+        sel.rows if target is None else np.where(sel.rows != 0, reference, 0.0),
         st.gram,
         st.input_sum,
         st.points,
@@ -742,7 +832,8 @@ def _refit(
     )
     bias_tensor = None
     if layer.bias is not None and outcome.bias_shift is not None:
-        bias_tensor = shift_bias(proto, protos, layer.bias, outcome.bias_shift, weight.dtype, base_dir)
+        shift = outcome.bias_shift if target is None else outcome.bias_shift + target[1]
+        bias_tensor = shift_bias(proto, protos, layer.bias, shift, weight.dtype, base_dir)
     how = outcome.solver if mode is Refit.OBS else "bias"
     note = layer.bias_problem if layer.bias is None else ""
     log.debug("refit %s: output error %.4g -> %.4g", weight.name, outcome.error_before, outcome.error_after)

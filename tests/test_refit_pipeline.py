@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -176,3 +177,75 @@ def test_cli_layer_floor_and_max_points(tmp_path, mlp_files, cli):
         assert layer["kept"] >= 0.5 * average * layer["params"] - 1
     bad = cli(*args, "--overwrite", "--layer-floor", "1.5")
     assert bad.exit_code != 0 and "1.5" in bad.output
+
+
+def test_teacher_target_is_the_damped_least_squares_fit_to_the_dense_outputs():
+    """w* minimises sum (w x~ - w0 x)^2 (+ the refit's damping), and the shift closes the mean gap."""
+    from sipp_onnx.pipeline import _teacher_target
+    from sipp_onnx.refit import damped
+    from sipp_onnx.sensitivity import LayerStatistics
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)) + 0.3
+    x_tilde = x + 0.2 * rng.normal(size=x.shape)  # the pruned model's inputs
+    w0 = rng.normal(size=(4, 6))
+    both = np.concatenate([x_tilde, x], axis=1)
+    pair = LayerStatistics(None, np.zeros((4, 12)), 200, 1, (both.T @ both)[None], both.sum(0)[None])
+    target, shift = _teacher_target(w0, pair)
+    h = damped(x_tilde.T @ x_tilde)
+    for i in range(4):  # one normal-equation solve per row
+        want = np.linalg.solve(h, x_tilde.T @ (x @ w0[i]))
+        np.testing.assert_allclose(target[i], want, rtol=1e-8)
+    np.testing.assert_allclose(shift, (x @ w0.T).mean(0) - (x_tilde @ target.T).mean(0), atol=1e-10)
+
+
+def test_capture_pairs_the_model_and_the_teacher():
+    """A paired accumulator sees the model's layer input and the teacher's side by side."""
+    from sipp_onnx.calibration import open_calibration
+    from sipp_onnx.capture import capture
+    from sipp_onnx.config import Provider
+    from sipp_onnx.modelio import model_inputs
+    from sipp_onnx.sensitivity import DenseAccumulator
+
+    teacher = mlp()
+    student = mlp()
+    init = {t.name: t for t in student.graph.initializer}
+    w1 = numpy_helper.to_array(init["W1"]) * 0.5
+    init["W1"].CopyFrom(numpy_helper.from_array(w1.astype(np.float32), "W1"))
+    x = gaussian_calibration((20,), n=24)
+    data = open_calibration({"x": x}, model_inputs(student))
+    fc2_input = next(n.input[0] for n in student.graph.node if n.name == "fc2")
+    k = 32
+    acc = DenseAccumulator(np.zeros((16, 2 * k), np.float32), False, False, "max", "absolute", True)
+    capture(student, data, {}, 8, Provider.CPU, teacher=teacher, paired={fc2_input: (-1, [acc])})
+    stats = acc.result()
+
+    def layer_input(model):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.append(onnx.ValueInfoProto(name=fc2_input))
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run([fc2_input], {"x": x})[0].astype(np.float64)
+
+    both = np.concatenate([layer_input(student), layer_input(teacher)], axis=1)
+    np.testing.assert_allclose(stats.gram[0], both.T @ both, rtol=1e-4, atol=1e-3)
+    assert not np.allclose(stats.gram[0][:k, :k], stats.gram[0][k:, k:])  # the two differ
+
+
+def test_sequential_fits_the_dense_model_on_the_token_model():
+    """--sequential refits every later layer to the dense model's outputs: on the shipped token
+    model at 70 % it keeps more accuracy than the one-shot prune (measured 96.0 against 90.2)."""
+    from sipp_onnx.evaluate import evaluate
+
+    models = Path(__file__).resolve().parent.parent / "models"
+    accuracy = {}
+    for sequential in (False, True):
+        result = prune_model(
+            models / "tokens.onnx",
+            models / "tokens_calib.npz",
+            PruneConfig(sparsity=0.7, sequential=sequential),
+        )
+        accuracy[sequential] = evaluate(
+            models / "tokens.onnx", models / "tokens_test.npz", compare=result.model
+        )
+    assert accuracy[True].compare.accuracy >= accuracy[False].compare.accuracy + 0.02
