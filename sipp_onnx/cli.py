@@ -423,11 +423,14 @@ def prune(
             return
         click.echo(report.format_table())
         click.echo()
+        split = report.allocation in ("global", "sipp", "error")  # not 'pattern' or 'sampling'
         label = (
             report.method
             + (f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else "")
             + (f", pattern {report.pattern}" if report.pattern != "unstructured" else "")
+            + (f", allocation {report.allocation}" if split else "")
             + (f", refit {report.refit}" if report.refit != "none" else "")
+            + (", sequential" if report.sequential else "")
         )
         click.echo(
             f"{label}: sparsity {report.sparsity_achieved:.2%} "
