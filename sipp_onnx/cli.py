@@ -32,6 +32,7 @@ from .config import (
     Method,
     Provider,
     PruneConfig,
+    Ranking,
     Reduction,
     Refit,
     Terms,
@@ -177,6 +178,14 @@ _MEASURE_OPTIONS = (
         "How the target is split across layers: global (one threshold over all scores), sipp "
         "(SiPP's shared error bound eps; sipp-det), error (each layer's measured output-error "
         "curve, least summed error). sipp-rand/-hybrid always use their own sampling bound.",
+    ),
+    _enum_option(
+        "--ranking",
+        Ranking,
+        PruneConfig.ranking,
+        "sipp-det with the error allocation: measured (prune each layer in SiPP's order or "
+        "Wanda's |w|*||a|| order, whichever measured the lower error at its count) or own "
+        "(SiPP's order only).",
     ),
     click.option(
         "--layer-floor",
@@ -427,6 +436,7 @@ def prune(
         label = (
             report.method
             + (f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else "")
+            + (f", {report.max_times_kernel} kernel" if report.max_times_kernel else "")
             + (f", pattern {report.pattern}" if report.pattern != "unstructured" else "")
             + (f", allocation {report.allocation}" if split else "")
             + (f", refit {report.refit}" if report.refit != "none" else "")

@@ -77,6 +77,20 @@ class Allocation(StrEnum):
     ERROR = "error"
 
 
+class Ranking(StrEnum):
+    """In which order the error allocation prunes inside a sipp-det layer (see budgets.py).
+
+    MEASURED (the default): each layer's error curve is measured in SiPP's sensitivity order and
+    in Wanda's per-row `|w| ||a||` order, and the layer is pruned in whichever measured lower at
+    the count it gets; the report names the layers that took Wanda's order. OWN: the
+    sensitivity order only (the paper's method, for comparisons). Other methods and allocations
+    always use their own order.
+    """
+
+    MEASURED = "measured"
+    OWN = "own"
+
+
 class Provider(StrEnum):
     """ONNX Runtime execution provider for the calibration pass."""
 
@@ -115,6 +129,9 @@ class PruneConfig:
     refit: Refit = Refit.OBS
     allocation: Allocation = Allocation.AUTO
     """How the target is split across tensors (sipp-det, magnitude, wanda; see Allocation)."""
+    ranking: Ranking = Ranking.MEASURED
+    """sipp-det with the error allocation: prune each layer in the order that measured lower
+    (see Ranking)."""
     sequential: bool = False
     """Measure each layer on the outputs of the already pruned (and refitted) earlier layers and
     (with the OBS refit) fit it to the dense model's outputs: one more calibration pass per layer
@@ -157,6 +174,7 @@ class PruneConfig:
             ("terms", Terms),
             ("refit", Refit),
             ("allocation", Allocation),
+            ("ranking", Ranking),
             ("provider", Provider),
         ):
             value = getattr(self, name)

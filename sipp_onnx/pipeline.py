@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +21,11 @@ from . import __version__
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, capture
-from .config import Allocation, Method, Provider, PruneConfig, Refit
+from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
 from .discover import discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
+from .maxtimes import kernel as max_times_kernel
 from .modelio import (
     StagedOutput,
     check_external_data,
@@ -253,6 +255,8 @@ def prepare(
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
     want_gram = gram if gram is not None else config.refit is not Refit.NONE
+    if want_sens:
+        log.info("max-times product: %s kernel", max_times_kernel())
     measure = (
         statistics
         if statistics is not None
@@ -749,6 +753,7 @@ def _curves(
     """Every weight's error curve for the error allocation (see `budgets.refit_curve`), in the
     method's own order, each ending where the layer floor stops it.
 
+    With `--ranking measured` (sipp-det) each curve carries its twin in Wanda's order.
     The refit's error where it will re-solve the weight. A layer with fewer calibration points
     than inputs per row gets its mask's error instead: its least-squares refit has more unknowns
     than equations, fits the calibration points exactly and says nothing about new data
@@ -758,6 +763,7 @@ def _curves(
     keep = budget(sum(sizes), config.sparsity)
     floors = floor_counts(sizes, keep, config.layer_floor) or [0] * len(scores)
     method = config.method.value
+    alternative = config.ranking is Ranking.MEASURED and config.method is Method.SIPP_DET
     out = []
     for i, (weight, score) in enumerate(zip(found.weights, scores, strict=True)):
         st = stats.get(weight.primary.node)
@@ -767,18 +773,43 @@ def _curves(
         live = score.rows != 0
         most = max(0, int(live.sum()) - floors[i])
         per_row = method == "wanda"
+        measure: Callable[[np.ndarray, bool], ErrorCurve]
         if st.gram is None or len(weight.layers) > 1:
             cost, energy = mask_cost(score.rows, score.input_sqnorm)
-            out.append(error_curve(cost, energy, key, live, per_row, most))
-            continue
-        refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
-        mine = (
-            factors.setdefault(weight.name, {})
-            if config.refit is Refit.OBS and not config.sequential
-            else None
-        )
-        out.append(refit_curve(score.rows, key, live, st.gram, refit, per_row, most, config.seed, mine))
+            measure = partial(_mask_curve, cost, energy, live, most)
+        else:
+            refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
+            mine = (
+                factors.setdefault(weight.name, {})
+                if config.refit is Refit.OBS and not config.sequential
+                else None
+            )
+            measure = partial(_refit_curve, score.rows, live, st.gram, refit, most, config.seed, mine)
+        curve = measure(key, per_row)
+        if alternative:
+            curve = replace(curve, alternative=measure(pattern_score(score, "wanda"), True))
+        out.append(curve)
     return out
+
+
+def _mask_curve(
+    cost: np.ndarray, energy: float, live: np.ndarray, most: int, key: np.ndarray, per_row: bool
+) -> ErrorCurve:
+    return error_curve(cost, energy, key, live, per_row, most)
+
+
+def _refit_curve(
+    rows: np.ndarray,
+    live: np.ndarray,
+    gram: np.ndarray,
+    refit: bool,
+    most: int,
+    seed: int,
+    factors: dict[int, np.ndarray] | None,
+    key: np.ndarray,
+    per_row: bool,
+) -> ErrorCurve:
+    return refit_curve(rows, key, live, gram, refit, per_row, most, seed, factors)
 
 
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
@@ -838,7 +869,7 @@ def _refit(
     note = layer.bias_problem if layer.bias is None else ""
     log.debug("refit %s: output error %.4g -> %.4g", weight.name, outcome.error_before, outcome.error_after)
     return (
-        SelectedWeight(outcome.rows, sel.kept, sel.bound, sel.sampled_row_parts),
+        replace(sel, rows=outcome.rows),
         RefitReport(how, note, outcome.error_before, outcome.error_after, outcome.rows_refitted, bias_tensor),
     )
 
@@ -894,7 +925,17 @@ def _layer_report(
         via=w.via,
         pattern=pattern,
         score_note=note,
+        ranking=_ranking(config, sel),
     )
+
+
+def _ranking(config: PruneConfig, sel: SelectedWeight) -> str | None:
+    """The order a weight was pruned in, where `--ranking measured` chose one."""
+    if config.ranking is not Ranking.MEASURED or config.method is not Method.SIPP_DET:
+        return None
+    if config.effective_allocation is not Allocation.ERROR or config.sparsity == 0:
+        return None
+    return sel.ranking or "sensitivity"
 
 
 def _report(
@@ -937,6 +978,7 @@ def _report(
         sparsity_target=config.sparsity,
         pattern=config.pattern,
         allocation=_allocation_label(config),
+        max_times_kernel=max_times_kernel() if any(layer.reduction for layer in layers) else None,
         size_before=sizes[0],
         size_after=sizes[1],
         sparsity_achieved=1.0 - kept / total,

@@ -80,6 +80,9 @@ class LayerReport:
     """'sparse' when written as an ONNX sparse initializer (--store sparse)."""
     score_note: str = ""
     """Why this weight was ranked by something else than its sensitivities (see budgets.py)."""
+    ranking: str | None = None
+    """With `--ranking measured`: 'sensitivity' or 'wanda', the order this weight was pruned in
+    (the one whose measured error was lower at its count); None where no choice was made."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class PruneReport:
     allocation: str = "global"
     """How the target was split across tensors: global, sipp, error (see budgets.py), or
     'sampling' (sipp-rand/-hybrid's own bound) and 'pattern' (N:M)."""
+    max_times_kernel: str | None = None
+    """Which max-times route measured the sensitivities ('c-avx512', 'c-avx2', 'c-portable' or
+    'numpy'; see maxtimes.py); None when no sensitivities were measured."""
 
     def to_dict(self) -> dict[str, Any]:
         return json_safe(asdict(self))
@@ -192,6 +198,13 @@ class PruneReport:
             lines.append("  ".join(cells).rstrip())
             if i == 0 or i == len(rows) - 2:
                 lines.append("  ".join("-" * w for w in widths))
+        ranked = [layer for layer in self.layers if layer.ranking is not None]
+        wanda = sum(layer.ranking == "wanda" for layer in ranked)
+        if ranked:
+            lines.append(
+                f"ranking: {wanda} of {len(ranked)} tensors pruned in Wanda's |w|*||a|| order, the rest "
+                "by sensitivity (the order with the lower measured error at each tensor's count)"
+            )
         noted = [layer for layer in self.layers if layer.score_note]
         lines += [f"note: {','.join(layer.nodes)}: {layer.score_note}" for layer in noted]
         return "\n".join(lines)

@@ -22,7 +22,7 @@ This module imports numpy only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -56,6 +56,9 @@ class SelectedWeight:
     sensitivities for deterministic masks, eps_r(m_r) for sampled row parts; None without
     sensitivities."""
     sampled_row_parts: int = 0
+    ranking: str | None = None
+    """Set when the error allocation pruned this weight in another order than the method's own
+    ('wanda': its measured error was lower at this count; see `budgets.ErrorCurve`)."""
 
 
 def budget(total: int, sparsity: float) -> int:
@@ -567,8 +570,19 @@ def select(
     if allocation != "error" or curves is None:
         raise ValueError(f"allocation {allocation!r} needs error curves" if curves is None else allocation)
     counts = counts_from_curves(curves, [w.rows for w in weights], keep)
-    pairs = zip(weights, counts, strict=True)
-    return [select_count([w], method, k, seed, 0.0, in_place)[0] for w, k in pairs]
+    out = []
+    for w, k, curve in zip(weights, counts, curves, strict=True):
+        if curve.alternative is None:
+            out.append(select_count([w], method, k, seed, 0.0, in_place)[0])
+            continue
+        if not curve.prefers_alternative(int(np.count_nonzero(w.rows)) - k):
+            out.append(select_count([w], method, k, seed, 0.0, in_place)[0])
+            continue
+        signs = np.sign(w.rows).astype(np.int8)  # `in_place` zeroes w.rows; the bound needs signs
+        sel = select_count([w], "wanda", k, seed, 0.0, in_place)[0]
+        # The SiPP bound of the mask actually chosen, from the sensitivities.
+        out.append(replace(sel, bound=_det_bound(w.sensitivity, signs, sel.rows != 0), ranking="wanda"))
+    return out
 
 
 def select_count(

@@ -20,20 +20,17 @@ This module imports numpy only.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 
 from .layers import ConvGeometry
+from .maxtimes import max_times
 from .patches import conv_patches, output_spatial, patch_sqnorm
 
 EPS32 = np.float32(1.1920929e-07)
-_CHUNK_ELEMENTS = 1 << 23  # ~32 MB of float32 temporaries in the max-times product
-_POINTWISE_ELEMENTS = 1 << 15  # from this many weights per group on, max_times goes point by point
-_BLOCK_ELEMENTS = 1 << 18  # rows of a point-by-point product per block (1 MB of float32)
+_CHUNK_ELEMENTS = 1 << 23  # ~32 MB of float32 temporaries in the per-sample mean reduction
 
 
 @dataclass(frozen=True)
@@ -66,83 +63,6 @@ def reciprocal(z: np.ndarray) -> np.ndarray:
     np.divide(1.0, mag, out=mag, where=valid)
     mag[~valid] = 0
     return mag
-
-
-def _cpus() -> int:
-    """CPUs this process may run on (the affinity mask, which containers narrow)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-_WORKERS = min(4, _cpus())
-"""Threads for the max-times product. NumPy's loops release the GIL, but every call takes it
-back: on a 16-core machine 4 threads gave 9.4 G multiply-max/s on ResNet-50's widest layer, 8
-gave 8.7 and 16 gave 7.0; on a 64 x 576 layer 16 threads gave 0.2 against 1.2 on one."""
-_MIN_TASK_ELEMENTS = 1 << 14  # no thread gets a row block smaller than this (products per call)
-_pool: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="sipp-max-times")
-    return _pool
-
-
-def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
-    """`out[g] = max(out[g], max_p r[g, p, :, None] * a[g, p, None, :])` in bounded memory.
-
-    r: `[G, n, Ng]`, a: `[G, n, K]`, out: `[G, Ng, K]`. The product has as many operations as the
-    layer itself but no BLAS form; chunks over points keep temporaries near `_CHUNK_ELEMENTS`.
-    """
-    groups, n, rows = r.shape
-    cols = a.shape[2]
-    if rows * cols >= _POINTWISE_ELEMENTS:
-        # Large layers: one point at a time into a reused buffer that stays in cache, 2-3x
-        # faster than materialising a chunk of products (measured on MiniLM/magika shapes); the
-        # same products and maxima, so the same bits. Beyond `_BLOCK_ELEMENTS` rows go in
-        # blocks so the buffer and its rows of `out` stay in L2 (2-3x again on ResNet-50's
-        # 512 x 4608 layers). NumPy's element-wise loops run on one core and release the GIL,
-        # so the row blocks are shared out to up to `_WORKERS` threads; each writes only its rows.
-        block = rows if rows * cols <= 4 * _BLOCK_ELEMENTS else max(1, _BLOCK_ELEMENTS // cols)
-        workers = min(_WORKERS, max(1, rows * cols // _MIN_TASK_ELEMENTS))
-        if workers > 1:
-            block = min(block, -(-rows // workers))
-        tasks = [
-            (g, start, min(rows, start + block)) for g in range(groups) for start in range(0, rows, block)
-        ]
-
-        def run(task: tuple[int, int, int]) -> None:
-            g, start, stop = task
-            best, rg, ag = out[g, start:stop], r[g, :, start:stop], a[g]
-            part = np.empty(best.shape, dtype=np.float32)
-            for p in range(n):
-                np.multiply(rg[p, :, None], ag[p, None, :], out=part)
-                np.maximum(best, part, out=best)
-
-        if workers > 1 and len(tasks) > 1:
-            list(_executor().map(run, tasks))
-        else:
-            for task in tasks:
-                run(task)
-        return
-    # Small layers: chunks of points, one chunk per thread at a time, maxima combined at the end.
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, groups * rows * cols))
-    if _WORKERS > 1:
-        chunk = min(chunk, -(-n // _WORKERS))
-
-    def chunk_max(start: int) -> np.ndarray:
-        stop = min(n, start + chunk)
-        return (r[:, start:stop, :, None] * a[:, start:stop, None, :]).max(axis=1)
-
-    starts = range(0, n, chunk)
-    maxima = (
-        _executor().map(chunk_max, starts) if _WORKERS > 1 and len(starts) > 1 else map(chunk_max, starts)
-    )
-    for m in maxima:
-        np.maximum(out, m, out=out)
 
 
 REDUCTIONS = ("max", "mean", "expected")

@@ -2,6 +2,7 @@
 split, against slow loops and brute force; and the allocations end to end."""
 
 import itertools
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -286,3 +287,71 @@ def test_refit_reuses_the_allocations_factor_with_the_same_result():
     reused = refit_layer(w, masked, gram, total, 400, exact_flops=0, factors=factors)
     assert plain.solver == reused.solver == "sparsegpt"
     np.testing.assert_array_equal(plain.rows, reused.rows)
+
+
+def test_envelope_and_preference_follow_the_lower_curve():
+    own = ErrorCurve(np.array([0, 10, 20]), np.array([0.0, 0.1, 0.5]))
+    alt = ErrorCurve(np.array([0, 10, 20]), np.array([0.0, 0.2, 0.3]))
+    both = replace(own, alternative=alt)
+    np.testing.assert_array_equal(both.envelope().error, [0.0, 0.1, 0.3])
+    assert own.envelope() is own
+    assert not both.prefers_alternative(0)
+    assert not both.prefers_alternative(10)  # own lower
+    assert both.prefers_alternative(20)  # alternative lower
+    # interpolated: at 15 own 0.3, alternative 0.25
+    assert both.prefers_alternative(15)
+    # a tie keeps the method's own order
+    assert not replace(own, alternative=own).prefers_alternative(15)
+
+
+def test_measured_ranking_prunes_a_layer_in_the_order_that_measured_lower():
+    """Two layers with refit curves in both orders; a layer whose sensitivities are noise gets
+    Wanda's order (its measured error is lower there), the mask is then exactly Wanda's for the
+    layer's count, and the bound is the SiPP bound of that mask."""
+    rng = np.random.default_rng(12)
+    weights, curves = [], []
+    for noisy in (False, True):
+        n, k = 16, 24
+        x = rng.normal(size=(400, k)) * rng.uniform(0.1, 3.0, size=k)
+        gram = (x.T @ x)[None]
+        w = rng.normal(size=(n, k)).astype(np.float32)
+        sq = np.broadcast_to(np.diag(gram[0]), (n, k))
+        wanda_key = np.abs(w) * np.sqrt(sq)
+        sens = rng.random((n, k)) if noisy else wanda_key / wanda_key.sum(axis=1, keepdims=True)
+        score = WeightScores(w, sens.astype(np.float32), sq)
+        weights.append(score)
+        live = w != 0
+        own = refit_curve(w, sens, live, gram, True, False, w.size)
+        alt = refit_curve(w, pattern_score(score, "wanda"), live, gram, True, True, w.size)
+        curves.append(replace(own, alternative=alt))
+    out = select(weights, "sipp-det", 0.6, allocation="error", curves=curves)
+    assert out[1].ranking == "wanda"
+    kept = int(np.count_nonzero(out[1].rows))
+    wanda = select([weights[1]], "wanda", 1 - kept / weights[1].rows.size)[0]
+    np.testing.assert_array_equal(out[1].rows != 0, wanda.rows != 0)
+    pruned = np.where(out[1].rows == 0, weights[1].sensitivity, 0.0)
+    expect = max(
+        np.where(weights[1].rows > 0, pruned, 0).sum(axis=1).max(),
+        np.where(weights[1].rows < 0, pruned, 0).sum(axis=1).max(),
+    )
+    assert out[1].bound == pytest.approx(expect, rel=1e-6)
+    zeros = sum(int((s.rows == 0).sum()) for s in out)
+    assert abs(zeros / sum(w.rows.size for w in weights) - 0.6) <= 0.02
+
+
+@pytest.mark.parametrize("ranking", ["measured", "own"])
+def test_ranking_reaches_the_report(tmp_path, ranking):
+    model = save(convnet(), tmp_path / "m.onnx")
+    calib = tmp_path / "c.npz"
+    np.savez(calib, x=gaussian_calibration((3, 8, 8), 64))
+    result = prune_model(model, calib, PruneConfig(sparsity=0.7, ranking=ranking))
+    rankings = {layer.ranking for layer in result.report.layers}
+    if ranking == "own":
+        assert rankings == {None}
+        assert "ranking:" not in result.report.format_table()
+    else:
+        assert rankings <= {"sensitivity", "wanda"} and None not in rankings
+        assert "tensors pruned in Wanda's" in result.report.format_table()
+    # the baselines keep their own order whatever the flag
+    base = prune_model(model, calib, PruneConfig(sparsity=0.7, method="magnitude", allocation="error"))
+    assert {layer.ranking for layer in base.report.layers} == {None}

@@ -503,3 +503,42 @@ def test_allocation_sipp_with_magnitude_is_a_one_line_error(mlp_files, cli, tmp_
     assert result.stderr.strip().startswith("error: ") and "sipp-det" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["sipp-det", "magnitude"])
+def test_report_names_the_max_times_kernel(mlp_files, cli, tmp_path, method) -> None:
+    from sipp_onnx.maxtimes import kernel
+
+    model, calib = mlp_files
+    out, report = tmp_path / "o.onnx", tmp_path / "o.json"
+    result = cli("prune", model, calib, "-o", out, "--method", method, "--report", report)
+    ok(result)
+    doc = json.loads(report.read_text())
+    if method == "sipp-det":
+        assert doc["max_times_kernel"] == kernel()
+        assert f"{kernel()} kernel" in result.output
+    else:  # no sensitivities, no max-times product
+        assert doc["max_times_kernel"] is None
+        assert " kernel" not in result.output
+
+
+def test_ranking_option_reaches_the_report(mlp_files, cli, tmp_path) -> None:
+    model, calib = mlp_files
+    for ranking in ("own", "measured"):
+        report = tmp_path / f"{ranking}.json"
+        ok(
+            cli(
+                "prune",
+                model,
+                calib,
+                "-o",
+                tmp_path / f"{ranking}.onnx",
+                "--ranking",
+                ranking,
+                "--report",
+                report,
+                "-q",
+            )
+        )
+        layers = json.loads(report.read_text())["layers"]
+        assert all((layer["ranking"] is None) == (ranking == "own") for layer in layers)

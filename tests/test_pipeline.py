@@ -60,7 +60,9 @@ def test_single_gemm_det_keeps_exactly_the_top_sensitivities(tmp_path):
     result = prune_model(
         model,
         {"x": x},
-        PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none"),
+        PruneConfig(
+            sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none", ranking="own"
+        ),
     )
     w = numpy_helper.to_array(init_map(model)["W"])
     new = numpy_helper.to_array(init_map(result.model)["W"])
@@ -192,7 +194,9 @@ def test_shared_weight_uses_the_max_sensitivity_over_its_uses():
     result = prune_model(
         model,
         {"x": x},
-        PruneConfig(sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none"),
+        PruneConfig(
+            sparsity=0.6, method="sipp-det", reduction="max", terms="signed", refit="none", ranking="own"
+        ),
     )
     assert [layer.nodes for layer in result.report.layers] == [("m1", "m2")]
     h = np.maximum(x @ w, 0)
@@ -286,7 +290,9 @@ def test_gemm_trans_a_and_alpha_use_the_right_points():
     model = finish(nodes, [value("x", ["b", 7])], [value("y", ["b", 4])], [tensor("W", w)])
     x = gaussian_calibration((7,), n=9, nonneg=True)
     result = prune_model(
-        model, {"x": x}, PruneConfig(sparsity=0.5, method="sipp-det", reduction="max", terms="signed")
+        model,
+        {"x": x},
+        PruneConfig(sparsity=0.5, method="sipp-det", reduction="max", terms="signed", ranking="own"),
     )
     s = naive_dense_sensitivity(w.T.astype(np.float64), x.astype(np.float64))
     new = numpy_helper.to_array(init_map(result.model)["W"]).T

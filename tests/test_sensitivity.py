@@ -626,23 +626,3 @@ def test_absolute_shares_sum_to_one_and_bound_the_pruned_error():
         error = np.abs((np.where(pruned, rows, 0) * point).sum(axis=1))
         mass = (np.abs(rows) * np.abs(point)).sum(axis=1)
         assert np.all(error <= eps * mass * (1 + 1e-5) + 1e-9)
-
-
-def test_max_times_pointwise_path_gives_the_same_bits(monkeypatch):
-    """Large layers take the point-by-point path: same products, same maxima, same bits."""
-    import sipp_onnx.sensitivity as sensitivity
-
-    rng = np.random.default_rng(3)
-    r = rng.random((2, 40, 300)).astype(np.float32)
-    a = rng.random((2, 40, 256)).astype(np.float32)
-    direct = (r[:, :, :, None] * a[:, :, None, :]).max(axis=1)
-    # pointwise in one block, pointwise in row blocks of 7 rows (300 = 42 x 7 + 6), chunked;
-    # each on one thread and on three (row blocks or point chunks shared out)
-    for threshold, block in ((1, 1 << 40), (1, 7 * 256), (1 << 40, 1 << 40)):
-        for workers in (1, 3):
-            monkeypatch.setattr(sensitivity, "_POINTWISE_ELEMENTS", threshold)
-            monkeypatch.setattr(sensitivity, "_BLOCK_ELEMENTS", block)
-            monkeypatch.setattr(sensitivity, "_WORKERS", workers)
-            out = np.zeros((2, 300, 256), dtype=np.float32)
-            sensitivity.max_times(r, a, out)
-            np.testing.assert_array_equal(out, direct)
