@@ -25,10 +25,11 @@ choice), the last one partially.
 
 With `--ranking measured` (the default) sipp-det's curves are measured twice, in its own
 sensitivity order and in Wanda's per-row `|w| ||a||` order, and each layer is pruned in the
-order that measured the lower error at its count. A max-share sensitivity ranks the weights of a
-row by their worst case; on conv layers whose patches vary a lot that order measured 1.5-5x the
-error of Wanda's at the same count, while on others (LeNet's, MiniLM's) it measured lower; the
-measurement, not a rule per op type, decides.
+order that measured the lower error at its count. A max-share sensitivity ranks a row's
+weights by their worst case over the points; where the points vary a lot (conv patches) an
+average-energy order can leave less error for the refit to absorb, elsewhere the worst case
+wins. The measurement, not a rule per op type, decides (docs/algorithm.md has how often each
+order was taken and what it did to accuracy).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ GRID = 101
 GRID_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 """Where a layer's refit error is measured (fractions of what it may lose); the allocation
 interpolates between them along the curve's convex hull."""
-SAMPLE_ROWS = 64
+SAMPLE_ROWS = 32
 """Rows per layer the refit error is measured on."""
 EXACT_WIDTH = 64
 """Rows up to this long are solved exactly (batched); longer ones by the sweep."""
