@@ -1,10 +1,12 @@
 /*
  * The max-times product behind SiPP's max reduction, at GEMM speed.
  *
- *     out[i, j] = max(out[i, j], max_x r[x, i] * a[x, j])
+ *     out[i, j] = max(out[i, j], max over b, x of r[b, x, i] * a[b, x, j])
  *
- * r: [n, rows] (row stride rs), a: [n, cols] (row stride as), out: [rows, cols] (row stride os),
- * all float32 with unit stride along the last axis.  It is the GEMM recipe (packed panels,
+ * r, a: float32 with any element strides (sb, sx, si / sb, sx, sj), so the accumulators' native
+ * layouts ([batch, rows, points] conv reciprocals, [batch, inputs, points] patches) go in without
+ * a transposed copy; out: [rows, cols] with row stride os and unit column stride.  The packing
+ * turns any layout into the kernel's panels.  It is the GEMM recipe (packed panels,
  * a register tile of accumulators, one broadcast of r feeding a row of vector products) with
  * the fused multiply-add replaced by a multiply then a max.  On Zen 4 the multiply and the max
  * issue in the same cycle, so it can run at the fp32 FMA rate (docs/maxtimes.md in the design
@@ -18,7 +20,8 @@
  *
  * Three bodies, chosen once at run time by what the CPU supports: AVX-512F (6 x 64 tile),
  * AVX2 (6 x 16 tile) and portable C (the compiler vectorises its contiguous inner loop).  The
- * module exports `max_times(r, rs, a, as, out, os, n, rows, cols)` taking buffer addresses as
+ * module exports `max_times(r, rsb, rsx, rsi, a, asb, asx, asj, out, os, nb, n, rows, cols)`
+ * taking buffer addresses and strides in elements as
  * integers (no NumPy headers at build time) and runs it with the GIL released, and `kernel()`
  * naming the body in use.
  */
@@ -37,44 +40,76 @@ typedef Py_ssize_t idx;
 #define KC 256 /* points per packed block: the a panel (KC x 64 floats, 64 KB) stays in L2 */
 #define MR 6   /* rows per register tile */
 
-/* Portable body: for each point the whole contiguous row range, no reduction in the inner loop. */
-static void mt_portable(const float *restrict r, idx rs, const float *restrict a, idx as,
-                        float *restrict out, idx os, idx n, idx rows, idx cols) {
-    for (idx i = 0; i < rows; i++) {
-        float *o = out + i * os;
-        for (idx x = 0; x < n; x++) {
-            const float u = r[x * rs + i];
-            const float *restrict v = a + x * as;
-            for (idx j = 0; j < cols; j++) {
-                const float q = u * v[j];
-                o[j] = q > o[j] ? q : o[j];
+/* One operand: base address and element strides over (batch, point, row-or-column). */
+typedef struct {
+    const float *p;
+    idx sb, sx, sk;
+} operand;
+
+/* Portable body: for each point the whole row range, no reduction in the inner loop. */
+static void mt_portable(operand r, operand a, float *restrict out, idx os, idx nb, idx n, idx rows,
+                        idx cols) {
+    for (idx b = 0; b < nb; b++)
+        for (idx i = 0; i < rows; i++) {
+            float *restrict o = out + i * os;
+            for (idx x = 0; x < n; x++) {
+                const float u = r.p[b * r.sb + x * r.sx + i * r.sk];
+                const float *restrict v = a.p + b * a.sb + x * a.sx;
+                if (a.sk == 1) {
+                    for (idx j = 0; j < cols; j++) {
+                        const float q = u * v[j];
+                        o[j] = q > o[j] ? q : o[j];
+                    }
+                } else {
+                    for (idx j = 0; j < cols; j++) {
+                        const float q = u * v[j * a.sk];
+                        o[j] = q > o[j] ? q : o[j];
+                    }
+                }
             }
         }
-    }
 }
 
-/* Pack r[x0:x0+kc, i0:i0+MR] as [kc][MR], zero rows past `rows` (their outputs are discarded). */
-static void pack_r(const float *r, idx rs, idx x0, idx kc, idx i0, idx rows, float *dst) {
+/* Pack r[b, x0:x0+kc, i0:i0+MR] as [kc][MR], zero rows past `rows` (their outputs are discarded).
+ * Reads along whichever axis is contiguous. */
+static void pack_r(operand r, idx b, idx x0, idx kc, idx i0, idx rows, float *dst) {
     idx m = rows - i0 < MR ? rows - i0 : MR;
-    for (idx x = 0; x < kc; x++) {
-        const float *src = r + (x0 + x) * rs + i0;
-        idx k = 0;
-        for (; k < m; k++) dst[x * MR + k] = src[k];
-        for (; k < MR; k++) dst[x * MR + k] = 0.0f;
+    const float *base = r.p + b * r.sb + x0 * r.sx + i0 * r.sk;
+    if (m < MR)
+        for (idx x = 0; x < kc; x++)
+            for (idx k = m; k < MR; k++) dst[x * MR + k] = 0.0f;
+    if (r.sk == 1) {
+        for (idx x = 0; x < kc; x++)
+            for (idx k = 0; k < m; k++) dst[x * MR + k] = base[x * r.sx + k];
+    } else {
+        for (idx k = 0; k < m; k++)
+            for (idx x = 0; x < kc; x++) dst[x * MR + k] = base[x * r.sx + k * r.sk];
     }
 }
 
-/* Pack a[x0:x0+kc, :] as panels [cols/nr][KC][nr], zero columns past `cols`; reads each row of a
- * once, front to back. */
-static void pack_a(const float *a, idx as, idx x0, idx kc, idx cols, idx nr, float *dst) {
+/* Pack a[b, x0:x0+kc, :] as panels [cols/nr][KC][nr], zero columns past `cols`; reads along the
+ * contiguous axis (rows of points for [points, inputs], runs of points for [inputs, points]). */
+static void pack_a(operand a, idx b, idx x0, idx kc, idx cols, idx nr, float *dst) {
     idx panels = (cols + nr - 1) / nr;
-    for (idx x = 0; x < kc; x++) {
-        const float *src = a + (x0 + x) * as;
-        for (idx p = 0; p < panels; p++) {
-            idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
-            float *d = dst + (p * KC + x) * nr;
-            memcpy(d, src + j0, (size_t)w * sizeof(float));
-            if (w < nr) memset(d + w, 0, (size_t)(nr - w) * sizeof(float));
+    const float *base = a.p + b * a.sb + x0 * a.sx;
+    if (cols % nr)
+        for (idx x = 0; x < kc; x++) {
+            float *d = dst + ((panels - 1) * KC + x) * nr;
+            for (idx j = cols % nr; j < nr; j++) d[j] = 0.0f;
+        }
+    if (a.sk == 1) {
+        for (idx x = 0; x < kc; x++) {
+            const float *src = base + x * a.sx;
+            for (idx p = 0; p < panels; p++) {
+                idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
+                memcpy(dst + (p * KC + x) * nr, src + j0, (size_t)w * sizeof(float));
+            }
+        }
+    } else {
+        for (idx j = 0; j < cols; j++) {
+            const float *src = base + j * a.sk;
+            float *d = dst + (j / nr) * KC * nr + (j % nr);
+            for (idx x = 0; x < kc; x++) d[x * nr] = src[x * a.sx];
         }
     }
 }
@@ -127,11 +162,11 @@ __attribute__((target("avx2"))) static void tile_avx2(const float *pr, const flo
 typedef void (*tile_fn)(const float *, const float *, idx, float *, idx);
 
 /* The blocked driver shared by both vector bodies; nr is the tile width (64 or 16).  Per block
- * of KC points, r and a are packed whole (a read row by row, contiguously, so the hardware
+ * of KC points, r and a are packed whole (a read along its contiguous axis, so the hardware
  * prefetcher streams it; gathering one narrow panel at a time read it at a stride and ran at
  * half the speed on conv shapes), then every panel meets every row tile while it is in L1/L2. */
-static int mt_blocked(tile_fn tile, idx nr, const float *r, idx rs, const float *a, idx as, float *out,
-                      idx os, idx n, idx rows, idx cols) {
+static int mt_blocked(tile_fn tile, idx nr, operand r, operand a, float *out, idx os, idx nb, idx n,
+                      idx rows, idx cols) {
     idx row_tiles = (rows + MR - 1) / MR, panels = (cols + nr - 1) / nr;
     float *pr = (float *)malloc((size_t)(row_tiles * KC * MR) * sizeof(float));
     float *pa = (float *)malloc((size_t)(panels * KC * nr) * sizeof(float));
@@ -141,28 +176,30 @@ static int mt_blocked(tile_fn tile, idx nr, const float *r, idx rs, const float 
         return -1;
     }
     float edge[MR * 64];
-    for (idx x0 = 0; x0 < n; x0 += KC) {
-        idx kc = n - x0 < KC ? n - x0 : KC;
-        for (idx t = 0; t < row_tiles; t++) pack_r(r, rs, x0, kc, t * MR, rows, pr + t * KC * MR);
-        pack_a(a, as, x0, kc, cols, nr, pa);
-        for (idx p = 0; p < panels; p++) {
-            idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
-            const float *panel = pa + p * KC * nr;
-            for (idx t = 0; t < row_tiles; t++) {
-                idx i0 = t * MR, m = rows - i0 < MR ? rows - i0 : MR;
-                float *o = out + i0 * os + j0;
-                if (m == MR && w == nr) {
-                    tile(pr + t * KC * MR, panel, kc, o, os);
-                    continue;
+    for (idx b = 0; b < nb; b++)
+        for (idx x0 = 0; x0 < n; x0 += KC) {
+            idx kc = n - x0 < KC ? n - x0 : KC;
+            for (idx t = 0; t < row_tiles; t++) pack_r(r, b, x0, kc, t * MR, rows, pr + t * KC * MR);
+            pack_a(a, b, x0, kc, cols, nr, pa);
+            for (idx p = 0; p < panels; p++) {
+                idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
+                const float *panel = pa + p * KC * nr;
+                for (idx t = 0; t < row_tiles; t++) {
+                    idx i0 = t * MR, m = rows - i0 < MR ? rows - i0 : MR;
+                    float *o = out + i0 * os + j0;
+                    if (m == MR && w == nr) {
+                        tile(pr + t * KC * MR, panel, kc, o, os);
+                        continue;
+                    }
+                    /* Edge tile: through a full-size copy so no store leaves the output. */
+                    for (idx i = 0; i < MR; i++)
+                        for (idx j = 0; j < nr; j++)
+                            edge[i * nr + j] = (i < m && j < w) ? o[i * os + j] : 0.0f;
+                    tile(pr + t * KC * MR, panel, kc, edge, nr);
+                    for (idx i = 0; i < m; i++) memcpy(o + i * os, edge + i * nr, (size_t)w * sizeof(float));
                 }
-                /* Edge tile: through a full-size copy so no store leaves the output. */
-                for (idx i = 0; i < MR; i++)
-                    for (idx j = 0; j < nr; j++) edge[i * nr + j] = (i < m && j < w) ? o[i * os + j] : 0.0f;
-                tile(pr + t * KC * MR, panel, kc, edge, nr);
-                for (idx i = 0; i < m; i++) memcpy(o + i * os, edge + i * nr, (size_t)w * sizeof(float));
             }
         }
-    }
     free(pr);
     free(pa);
     return 0;
@@ -174,26 +211,28 @@ enum { BODY_PORTABLE = 0, BODY_AVX2 = 1, BODY_AVX512 = 2 };
 static int body = BODY_PORTABLE;
 static const char *body_names[] = {"c-portable", "c-avx2", "c-avx512"};
 
-static int run(const float *r, idx rs, const float *a, idx as, float *out, idx os, idx n, idx rows, idx cols) {
+static int run(operand r, operand a, float *out, idx os, idx nb, idx n, idx rows, idx cols) {
 #ifdef SIPP_X86
-    if (body == BODY_AVX512) return mt_blocked(tile_avx512, 64, r, rs, a, as, out, os, n, rows, cols);
-    if (body == BODY_AVX2) return mt_blocked(tile_avx2, 16, r, rs, a, as, out, os, n, rows, cols);
+    if (body == BODY_AVX512) return mt_blocked(tile_avx512, 64, r, a, out, os, nb, n, rows, cols);
+    if (body == BODY_AVX2) return mt_blocked(tile_avx2, 16, r, a, out, os, nb, n, rows, cols);
 #endif
-    mt_portable(r, rs, a, as, out, os, n, rows, cols);
+    mt_portable(r, a, out, os, nb, n, rows, cols);
     return 0;
 }
 
 static PyObject *py_max_times(PyObject *self, PyObject *args) {
-    Py_ssize_t r, rs, a, as, out, os, n, rows, cols;
+    Py_ssize_t rp, rsb, rsx, rsi, ap, asb, asx, asj, out, os, nb, n, rows, cols;
     (void)self;
-    if (!PyArg_ParseTuple(args, "nnnnnnnnn", &r, &rs, &a, &as, &out, &os, &n, &rows, &cols)) return NULL;
-    if (n < 0 || rows < 0 || cols < 0) {
+    if (!PyArg_ParseTuple(args, "nnnnnnnnnnnnnn", &rp, &rsb, &rsx, &rsi, &ap, &asb, &asx, &asj, &out, &os,
+                          &nb, &n, &rows, &cols))
+        return NULL;
+    if (nb < 0 || n < 0 || rows < 0 || cols < 0) {
         PyErr_SetString(PyExc_ValueError, "negative size");
         return NULL;
     }
+    operand r = {(const float *)rp, rsb, rsx, rsi}, a = {(const float *)ap, asb, asx, asj};
     int status;
-    Py_BEGIN_ALLOW_THREADS status =
-        run((const float *)r, rs, (const float *)a, as, (float *)out, os, n, rows, cols);
+    Py_BEGIN_ALLOW_THREADS status = run(r, a, (float *)out, os, nb, n, rows, cols);
     Py_END_ALLOW_THREADS if (status) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -257,8 +296,8 @@ static PyObject *py_kernels(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"max_times", py_max_times, METH_VARARGS,
-     "max_times(r, rs, a, as, out, os, n, rows, cols): out[i,j] = max(out[i,j], max_x r[x,i]*a[x,j]) "
-     "on float32 buffers given by address and row stride (elements)."},
+     "max_times(r, rsb, rsx, rsi, a, asb, asx, asj, out, os, nb, n, rows, cols): out[i,j] = "
+     "max(out[i,j], max_{b,x} r[b,x,i]*a[b,x,j]) on float32 buffers given by address and element strides."},
     {"kernel", py_kernel, METH_NOARGS, "The name of the body in use."},
     {"kernels", py_kernels, METH_NOARGS, "Every body this CPU can run."},
     {"set_kernel", py_set_kernel, METH_VARARGS, "Choose a body by name (tests)."},

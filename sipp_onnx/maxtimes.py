@@ -137,44 +137,81 @@ def numpy_max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
         np.maximum(out, m, out=out)
 
 
-def _rows_of(x: np.ndarray) -> np.ndarray:
-    """A view (or copy) of the 2-D float32 `x` whose rows are contiguous, as the kernel reads them."""
-    if x.dtype != np.float32 or x.strides[1] != 4:
+def _float32(x: np.ndarray) -> np.ndarray:
+    """`x` as float32 with element-aligned strides (the kernel counts strides in elements)."""
+    if x.dtype != np.float32 or any(st % 4 for st in x.strides):
         return np.ascontiguousarray(x, dtype=np.float32)
     return x
 
 
 def _compiled_max_times(lib: Any, r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
-    groups, n, rows = r.shape
+    """The compiled route of `max_times_points`: r `[B, G, Ng, L]`, a `[B, G, K, L]` in any
+    strides (a `[G, n, Ng]` / `[G, n, K]` pair is the view with B = 1 and the points axis
+    moved last), out `[G, Ng, K]` C-contiguous."""
+    r, a = _float32(r), _float32(a)
+    if not out.flags.c_contiguous or out.dtype != np.float32:
+        raise ValueError("max_times writes into a C-contiguous float32 output")
+    batch, groups, rows, n = r.shape
     cols = a.shape[2]
     # The kernel releases the GIL, so row blocks of one large product can share the cores
     # (each thread writes only its rows and packs its own panels).
-    workers = min(_WORKERS, max(1, rows // 24)) if rows * cols * n >= (1 << 24) else 1
+    workers = min(_WORKERS, max(1, rows // 24)) if rows * cols * n * batch >= (1 << 24) else 1
     step = max(1, -(-rows // workers))
+    rsb, _, rsi, rsx = (st // 4 for st in r.strides)
+    asb, _, asj, asx = (st // 4 for st in a.strides)
 
-    def run(rg: np.ndarray, ag: np.ndarray, og: np.ndarray, start: int) -> None:
+    def run(g: int, start: int) -> None:
         stop = min(rows, start + step)
         lib.max_times(
-            rg.ctypes.data + 4 * start,
-            rg.strides[0] // 4,
-            ag.ctypes.data,
-            ag.strides[0] // 4,
-            og.ctypes.data + og.strides[0] * start,
-            og.strides[0] // 4,
+            r.ctypes.data + r.strides[1] * g + r.strides[2] * start,
+            rsb,
+            rsx,
+            rsi,
+            a.ctypes.data + a.strides[1] * g,
+            asb,
+            asx,
+            asj,
+            out.ctypes.data + out.strides[0] * g + out.strides[1] * start,
+            out.strides[1] // 4,
+            batch,
             n,
             stop - start,
             cols,
         )
 
     for g in range(groups):
-        rg, ag, og = _rows_of(r[g]), _rows_of(a[g]), out[g]
-        if not og.flags.c_contiguous:
-            raise ValueError("max_times writes into a C-contiguous output")
-        starts = range(0, rows, step)
         if workers == 1:
-            run(rg, ag, og, 0)
+            run(g, 0)
         else:
-            list(_executor().map(lambda s, rg=rg, ag=ag, og=og: run(rg, ag, og, s), starts))
+            list(_executor().map(lambda s, g=g: run(g, s), range(0, rows, step)))
+
+
+def max_times_points(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """`out[g] = max(out[g], max over b, p of r[b, g, :, p, None] * a[b, g, None, :, p])`, in
+    place: r `[B, G, Ng, L]` (reciprocals per sample, row and point), a `[B, G, K, L]` (the
+    points, conv patches as `conv_patches` lays them out), out `[G, Ng, K]` float32.
+
+    The compiled kernel reads both in their own layout; NumPy's route needs them as
+    `[G, points, rows]` and `[G, points, K]` copies. Same values either way."""
+    lib = _compiled
+    if lib is not None and out.dtype == np.float32 and r.shape[2] * a.shape[2] >= _COMPILED_MIN_ELEMENTS:
+        _compiled_max_times(lib, r, a, out)
+        return
+    batch, groups, rows, n = r.shape
+    if rows == 1:
+        # One row per group (depthwise convs): broadcast over the patches as they lie, a chunk of
+        # samples at a time, instead of transposed copies of both operands.
+        step = max(1, _CHUNK_ELEMENTS // max(1, a[0].size))
+        best = out[:, 0, :]
+        for start in range(0, batch, step):
+            part = a[start : start + step] * r[start : start + step, :, 0, None, :]
+            np.maximum(best, part.max(axis=(0, 3)), out=best)
+        return
+    numpy_max_times(
+        r.transpose(1, 0, 3, 2).reshape(groups, -1, r.shape[2]),
+        a.transpose(1, 0, 3, 2).reshape(groups, -1, a.shape[2]),
+        out,
+    )
 
 
 def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
@@ -183,8 +220,4 @@ def max_times(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
     r: `[G, n, Ng]`, a: `[G, n, K]`, out: `[G, Ng, K]` float32. The compiled kernel where it is
     built and the per-group product is not tiny; NumPy otherwise. Same values either way.
     """
-    lib = _compiled
-    if lib is not None and out.dtype == np.float32 and r.shape[2] * a.shape[2] >= _COMPILED_MIN_ELEMENTS:
-        _compiled_max_times(lib, r, a, out)
-    else:
-        numpy_max_times(r, a, out)
+    max_times_points(r.transpose(0, 2, 1)[None], a.transpose(0, 2, 1)[None], out)

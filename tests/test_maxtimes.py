@@ -15,6 +15,11 @@ def direct(r: np.ndarray, a: np.ndarray, out: np.ndarray) -> np.ndarray:
     return expect
 
 
+def compiled(lib, r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """The compiled route on `[G, n, Ng]` / `[G, n, K]` inputs (one batch, points moved last)."""
+    maxtimes._compiled_max_times(lib, r.transpose(0, 2, 1)[None], a.transpose(0, 2, 1)[None], out)
+
+
 def compiled_bodies() -> list[str]:
     lib = maxtimes._load_compiled()
     return [] if lib is None else list(lib.kernels())
@@ -72,7 +77,7 @@ def test_compiled_bodies_match_the_definition(groups, n, rows, cols):
         for body in bodies:
             lib.set_kernel(body)
             out = start.copy()
-            maxtimes._compiled_max_times(lib, r, a, out)
+            compiled(lib, r, a, out)
             np.testing.assert_array_equal(out, expect, err_msg=body)
             # the sign of zeros too: NumPy's tie rule keeps the running value
             assert np.array_equal(np.signbit(out), np.signbit(expect)), body
@@ -95,7 +100,7 @@ def test_compiled_kernel_reads_strided_views_and_threads(monkeypatch):
     for workers in (1, 3):
         monkeypatch.setattr(maxtimes, "_WORKERS", workers)
         out = np.zeros((2, 70, 45), dtype=np.float32)
-        maxtimes._compiled_max_times(lib, r, a, out)
+        compiled(lib, r, a, out)
         np.testing.assert_array_equal(out, expect)
         assert np.array_equal(np.signbit(out), np.signbit(expect))
 
@@ -148,3 +153,42 @@ def test_the_kernel_is_built_on_x86():
     bodies = compiled_bodies()
     assert bodies, "sipp_onnx._maxtimes was not built"
     assert maxtimes._load_compiled().kernel() == bodies[-1]  # the best body this CPU runs
+
+
+@pytest.mark.parametrize(
+    "groups,rows,d,points", [(1, 70, 45, 300), (2, 13, 20, 31), (1, 6, 64, 257), (5, 1, 9, 40)]
+)
+def test_points_layout_reads_the_accumulators_arrays_in_place(groups, rows, d, points):
+    """`max_times_points` on `[B, G, Ng, L]` reciprocals and `[B, G, K, L]` patches (unit stride
+    along the points, as the conv accumulator has them): every body and NumPy's route agree
+    with the definition over every sample and point."""
+    rng = np.random.default_rng(rows + d)
+    recip = rng.random((3, groups, rows, points), dtype=np.float32)
+    patches = np.maximum(rng.standard_normal((3, groups, d, points), dtype=np.float32), 0)
+    expect = np.zeros((groups, rows, d), dtype=np.float32)
+    for b in range(3):
+        for p in range(points):
+            np.maximum(expect, recip[b, :, :, p, None] * patches[b, :, None, :, p], out=expect)
+    lib = maxtimes._load_compiled()
+    routes = [] if lib is None else list(lib.kernels())
+    chosen = lib.kernel() if lib is not None else None
+    try:
+        for body in routes:
+            lib.set_kernel(body)
+            out = np.zeros_like(expect)
+            maxtimes._compiled_max_times(lib, recip, patches, out)
+            np.testing.assert_array_equal(out, expect, err_msg=body)
+    finally:
+        if lib is not None:
+            lib.set_kernel(chosen)
+    out = np.zeros_like(expect)
+    groups_ = recip.shape[1]
+    maxtimes.numpy_max_times(
+        recip.transpose(1, 0, 3, 2).reshape(groups_, -1, rows),
+        patches.transpose(1, 0, 3, 2).reshape(groups_, -1, d),
+        out,
+    )
+    np.testing.assert_array_equal(out, expect)
+    out = np.zeros_like(expect)
+    maxtimes.max_times_points(recip, patches, out)
+    np.testing.assert_array_equal(out, expect)

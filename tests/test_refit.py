@@ -170,7 +170,15 @@ def test_dense_accumulator_gram_sums_every_token():
     np.testing.assert_allclose(stats.input_sum[0], tokens.sum(0), rtol=1e-5)
 
 
-def test_conv_accumulator_gram_matches_naive_patches():
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("syrk_min", [1, 1000])
+def test_conv_accumulator_gram_matches_naive_patches(monkeypatch, per_sample, syrk_min):
+    """Every Gram route (per sample on the patches as they lie, or one copy of the batch; one
+    syrk per group, or one batched product for narrow groups) gives the naive patches' sums."""
+    import sipp_onnx.sensitivity as sensitivity
+
+    monkeypatch.setattr(sensitivity, "GRAM_SAMPLE_POINTS", 1 if per_sample else 1 << 30)
+    monkeypatch.setattr(sensitivity, "SYRK_MIN_INPUTS", syrk_min)
     rng = np.random.default_rng(1)
     geom = ConvGeometry((3, 3), (2, 1), (1, 1), (1, 0, 1, 1), "NOTSET", 2)
     rows = rng.normal(size=(4, 2 * 9)).astype(np.float32)  # 4 out channels, 4 in channels, group 2

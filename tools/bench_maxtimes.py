@@ -31,6 +31,11 @@ SHAPES = (
 )
 
 
+def compiled(lib, r: np.ndarray, a: np.ndarray, out: np.ndarray) -> None:
+    """The compiled route on `[1, n, rows]` / `[1, n, cols]` (one group, points first)."""
+    maxtimes._compiled_max_times(lib, r.transpose(0, 2, 1)[None], a.transpose(0, 2, 1)[None], out)
+
+
 def best_time(route, r: np.ndarray, a: np.ndarray, repeat: int) -> tuple[float, np.ndarray]:
     """The best of `repeat` runs of `route(r, a, out)` from zeros, and its result."""
     times, out = [], None
@@ -63,7 +68,7 @@ def main() -> None:
         rates, results = {}, {}
         for body in bodies:
             lib.set_kernel(body)
-            seconds, results[body] = best_time(partial(maxtimes._compiled_max_times, lib), r, a, args.repeat)
+            seconds, results[body] = best_time(partial(compiled, lib), r, a, args.repeat)
             rates[body] = ops / seconds
         seconds, out = best_time(maxtimes.numpy_max_times, r, a, 1)
         rates["numpy"] = ops / seconds
