@@ -70,47 +70,60 @@ static void mt_portable(operand r, operand a, float *restrict out, idx os, idx n
         }
 }
 
-/* Pack r[b, x0:x0+kc, i0:i0+MR] as [kc][MR], zero rows past `rows` (their outputs are discarded).
- * Reads along whichever axis is contiguous. */
-static void pack_r(operand r, idx b, idx x0, idx kc, idx i0, idx rows, float *dst) {
+/* The points of a block are t0 .. t0+kc-1 of all nb*n (batch entry b = t / n, point x = t % n):
+ * blocks run across batch entries, so a layer whose entries hold one point each (a token model's
+ * rows) still gets full KC-point panels.  Each helper walks the block in runs within one entry. */
+
+/* Pack r's points t0..t0+kc-1, rows i0..i0+MR-1, as [kc][MR], zero rows past `rows` (their
+ * outputs are discarded).  Reads along whichever axis is contiguous. */
+static void pack_r(operand r, idx n, idx t0, idx kc, idx i0, idx rows, float *dst) {
     idx m = rows - i0 < MR ? rows - i0 : MR;
-    const float *base = r.p + b * r.sb + x0 * r.sx + i0 * r.sk;
     if (m < MR)
         for (idx x = 0; x < kc; x++)
             for (idx k = m; k < MR; k++) dst[x * MR + k] = 0.0f;
-    if (r.sk == 1) {
-        for (idx x = 0; x < kc; x++)
-            for (idx k = 0; k < m; k++) dst[x * MR + k] = base[x * r.sx + k];
-    } else {
-        for (idx k = 0; k < m; k++)
-            for (idx x = 0; x < kc; x++) dst[x * MR + k] = base[x * r.sx + k * r.sk];
+    for (idx done = 0; done < kc;) {
+        idx t = t0 + done, b = t / n, x = t % n, run = n - x < kc - done ? n - x : kc - done;
+        const float *base = r.p + b * r.sb + x * r.sx + i0 * r.sk;
+        float *d = dst + done * MR;
+        if (r.sk == 1) {
+            for (idx y = 0; y < run; y++)
+                for (idx k = 0; k < m; k++) d[y * MR + k] = base[y * r.sx + k];
+        } else {
+            for (idx k = 0; k < m; k++)
+                for (idx y = 0; y < run; y++) d[y * MR + k] = base[y * r.sx + k * r.sk];
+        }
+        done += run;
     }
 }
 
-/* Pack a[b, x0:x0+kc, :] as panels [cols/nr][KC][nr], zero columns past `cols`; reads along the
- * contiguous axis (rows of points for [points, inputs], runs of points for [inputs, points]). */
-static void pack_a(operand a, idx b, idx x0, idx kc, idx cols, idx nr, float *dst) {
+/* Pack a's points t0..t0+kc-1 as panels [cols/nr][KC][nr], zero columns past `cols`; reads along
+ * the contiguous axis (rows of points for [points, inputs], runs of points for [inputs, points]). */
+static void pack_a(operand a, idx n, idx t0, idx kc, idx cols, idx nr, float *dst) {
     idx panels = (cols + nr - 1) / nr;
-    const float *base = a.p + b * a.sb + x0 * a.sx;
     if (cols % nr)
         for (idx x = 0; x < kc; x++) {
             float *d = dst + ((panels - 1) * KC + x) * nr;
             for (idx j = cols % nr; j < nr; j++) d[j] = 0.0f;
         }
-    if (a.sk == 1) {
-        for (idx x = 0; x < kc; x++) {
-            const float *src = base + x * a.sx;
-            for (idx p = 0; p < panels; p++) {
-                idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
-                memcpy(dst + (p * KC + x) * nr, src + j0, (size_t)w * sizeof(float));
+    for (idx done = 0; done < kc;) {
+        idx t = t0 + done, b = t / n, x = t % n, run = n - x < kc - done ? n - x : kc - done;
+        const float *base = a.p + b * a.sb + x * a.sx;
+        if (a.sk == 1) {
+            for (idx y = 0; y < run; y++) {
+                const float *src = base + y * a.sx;
+                for (idx p = 0; p < panels; p++) {
+                    idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
+                    memcpy(dst + (p * KC + done + y) * nr, src + j0, (size_t)w * sizeof(float));
+                }
+            }
+        } else {
+            for (idx j = 0; j < cols; j++) {
+                const float *src = base + j * a.sk;
+                float *d = dst + (j / nr) * KC * nr + (done * nr) + (j % nr);
+                for (idx y = 0; y < run; y++) d[y * nr] = src[y * a.sx];
             }
         }
-    } else {
-        for (idx j = 0; j < cols; j++) {
-            const float *src = base + j * a.sk;
-            float *d = dst + (j / nr) * KC * nr + (j % nr);
-            for (idx x = 0; x < kc; x++) d[x * nr] = src[x * a.sx];
-        }
+        done += run;
     }
 }
 
@@ -176,30 +189,29 @@ static int mt_blocked(tile_fn tile, idx nr, operand r, operand a, float *out, id
         return -1;
     }
     float edge[MR * 64];
-    for (idx b = 0; b < nb; b++)
-        for (idx x0 = 0; x0 < n; x0 += KC) {
-            idx kc = n - x0 < KC ? n - x0 : KC;
-            for (idx t = 0; t < row_tiles; t++) pack_r(r, b, x0, kc, t * MR, rows, pr + t * KC * MR);
-            pack_a(a, b, x0, kc, cols, nr, pa);
-            for (idx p = 0; p < panels; p++) {
-                idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
-                const float *panel = pa + p * KC * nr;
-                for (idx t = 0; t < row_tiles; t++) {
-                    idx i0 = t * MR, m = rows - i0 < MR ? rows - i0 : MR;
-                    float *o = out + i0 * os + j0;
-                    if (m == MR && w == nr) {
-                        tile(pr + t * KC * MR, panel, kc, o, os);
-                        continue;
-                    }
-                    /* Edge tile: through a full-size copy so no store leaves the output. */
-                    for (idx i = 0; i < MR; i++)
-                        for (idx j = 0; j < nr; j++)
-                            edge[i * nr + j] = (i < m && j < w) ? o[i * os + j] : 0.0f;
-                    tile(pr + t * KC * MR, panel, kc, edge, nr);
-                    for (idx i = 0; i < m; i++) memcpy(o + i * os, edge + i * nr, (size_t)w * sizeof(float));
+    idx total = nb * n;
+    for (idx t0 = 0; t0 < total; t0 += KC) {
+        idx kc = total - t0 < KC ? total - t0 : KC;
+        for (idx t = 0; t < row_tiles; t++) pack_r(r, n, t0, kc, t * MR, rows, pr + t * KC * MR);
+        pack_a(a, n, t0, kc, cols, nr, pa);
+        for (idx p = 0; p < panels; p++) {
+            idx j0 = p * nr, w = cols - j0 < nr ? cols - j0 : nr;
+            const float *panel = pa + p * KC * nr;
+            for (idx t = 0; t < row_tiles; t++) {
+                idx i0 = t * MR, m = rows - i0 < MR ? rows - i0 : MR;
+                float *o = out + i0 * os + j0;
+                if (m == MR && w == nr) {
+                    tile(pr + t * KC * MR, panel, kc, o, os);
+                    continue;
                 }
+                /* Edge tile: through a full-size copy so no store leaves the output. */
+                for (idx i = 0; i < MR; i++)
+                    for (idx j = 0; j < nr; j++) edge[i * nr + j] = (i < m && j < w) ? o[i * os + j] : 0.0f;
+                tile(pr + t * KC * MR, panel, kc, edge, nr);
+                for (idx i = 0; i < m; i++) memcpy(o + i * os, edge + i * nr, (size_t)w * sizeof(float));
             }
         }
+    }
     free(pr);
     free(pa);
     return 0;

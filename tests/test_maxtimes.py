@@ -156,17 +156,27 @@ def test_the_kernel_is_built_on_x86():
 
 
 @pytest.mark.parametrize(
-    "groups,rows,d,points", [(1, 70, 45, 300), (2, 13, 20, 31), (1, 6, 64, 257), (5, 1, 9, 40)]
+    "batch,groups,rows,d,points",
+    [
+        (3, 1, 70, 45, 300),
+        (3, 2, 13, 20, 31),
+        (3, 1, 6, 64, 257),
+        (3, 5, 1, 9, 40),
+        (600, 1, 20, 30, 1),  # a token model's rows: one point per entry, blocks across entries
+        (7, 1, 8, 17, 100),  # blocks of 256 points straddle entries
+    ],
 )
-def test_points_layout_reads_the_accumulators_arrays_in_place(groups, rows, d, points):
+def test_points_layout_reads_the_accumulators_arrays_in_place(batch, groups, rows, d, points):
     """`max_times_points` on `[B, G, Ng, L]` reciprocals and `[B, G, K, L]` patches (unit stride
     along the points, as the conv accumulator has them): every body and NumPy's route agree
     with the definition over every sample and point."""
     rng = np.random.default_rng(rows + d)
-    recip = rng.random((3, groups, rows, points), dtype=np.float32)
-    patches = np.maximum(rng.standard_normal((3, groups, d, points), dtype=np.float32), 0)
+    recip = rng.random((batch, groups, rows, points), dtype=np.float32)
+    patches = np.maximum(rng.standard_normal((batch, groups, d, points), dtype=np.float32), 0)
+    if points == 1:  # as DenseAccumulator lays them out: [N, 1, K, 1] views of [N, K] rows
+        patches = patches[:, :, :, 0].copy()[..., None]
     expect = np.zeros((groups, rows, d), dtype=np.float32)
-    for b in range(3):
+    for b in range(batch):
         for p in range(points):
             np.maximum(expect, recip[b, :, :, p, None] * patches[b, :, None, :, p], out=expect)
     lib = maxtimes._load_compiled()
