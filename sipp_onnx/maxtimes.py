@@ -8,7 +8,7 @@ both keep the running value on ties):
 
 - the compiled kernel `sipp_onnx._maxtimes` (C, GEMM-style packed panels and a register tile,
   AVX-512 / AVX2 / portable bodies chosen at import by what the CPU supports), built at install
-  time where a C compiler is available; about 10-20x the NumPy route on this project's 2-core
+  time where a C compiler is available; 8-34x the NumPy route on this project's 2-core
   machine (docs/benchmarks.md, `tools/bench_maxtimes.py`);
 - NumPy (`numpy_max_times`), used where the extension is missing, for tiny per-group products
   (depthwise convs) where NumPy's broadcast over all groups wins, and when the environment

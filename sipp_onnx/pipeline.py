@@ -773,10 +773,10 @@ def _curves(
         live = score.rows != 0
         most = max(0, int(live.sum()) - floors[i])
         per_row = method == "wanda"
-        measure: Callable[[np.ndarray, bool], ErrorCurve]
+        measure: Callable[..., ErrorCurve]
         if st.gram is None or len(weight.layers) > 1:
             cost, energy = mask_cost(score.rows, score.input_sqnorm)
-            measure = partial(_mask_curve, cost, energy, live, most)
+            measure = partial(error_curve, cost, energy, live=live, most=most)
         else:
             refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
             mine = (
@@ -784,32 +784,21 @@ def _curves(
                 if config.refit is Refit.OBS and not config.sequential
                 else None
             )
-            measure = partial(_refit_curve, score.rows, live, st.gram, refit, most, config.seed, mine)
-        curve = measure(key, per_row)
+            measure = partial(
+                refit_curve,
+                score.rows,
+                live=live,
+                gram=st.gram,
+                refit=refit,
+                most=most,
+                seed=config.seed,
+                factors=mine,
+            )
+        curve = measure(key=key, per_row=per_row)
         if alternative:
-            curve = replace(curve, alternative=measure(pattern_score(score, "wanda"), True))
+            curve = replace(curve, alternative=measure(key=pattern_score(score, "wanda"), per_row=True))
         out.append(curve)
     return out
-
-
-def _mask_curve(
-    cost: np.ndarray, energy: float, live: np.ndarray, most: int, key: np.ndarray, per_row: bool
-) -> ErrorCurve:
-    return error_curve(cost, energy, key, live, per_row, most)
-
-
-def _refit_curve(
-    rows: np.ndarray,
-    live: np.ndarray,
-    gram: np.ndarray,
-    refit: bool,
-    most: int,
-    seed: int,
-    factors: dict[int, np.ndarray] | None,
-    key: np.ndarray,
-    per_row: bool,
-) -> ErrorCurve:
-    return refit_curve(rows, key, live, gram, refit, per_row, most, seed, factors)
 
 
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
