@@ -99,7 +99,8 @@ class Provider(StrEnum):
     CUDA = "cuda"
 
 
-PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
+PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv", "LSTM", "GRU", "RNN")
+RECURRENT_OP_TYPES: tuple[str, ...] = ("LSTM", "GRU", "RNN")
 
 
 def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:

@@ -20,7 +20,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
-from .config import PRUNABLE_OP_TYPES
+from .config import PRUNABLE_OP_TYPES, RECURRENT_OP_TYPES
 from .errors import ModelError
 from .layers import (
     BiasSlot,
@@ -29,6 +29,7 @@ from .layers import (
     Discovery,
     Layer,
     PrunableWeight,
+    RecurrentGeometry,
     SkippedCandidate,
     WeightLayout,
 )
@@ -71,20 +72,27 @@ def discover(
         if node.op not in PRUNABLE_OP_TYPES:
             continue
         node_id = ids[id(node)]
-        try:
-            layer = _layer_of(node, node_id, graph_inputs, graph_outputs, sparse, protos, chains)
-        except _Rejected as why:
-            weight = node.inputs[1].name if len(node.inputs) > 1 else None
-            skipped.append(SkippedCandidate(node_id, node.op, str(why), weight))
-            continue
-        layer = replace(layer, index=index_of[id(node)])
-        try:
-            layer = replace(
-                layer, bias=_bias_slot(node, layer, index_of, graph_inputs, graph_outputs, sparse)
-            )
-        except _Rejected as why:
-            layer = replace(layer, bias_problem=str(why))
-        candidates.setdefault(layer.weight, []).append((node, layer))
+        for slot in _weight_slots(node):
+            label = node_id if node.op not in RECURRENT_OP_TYPES else f"{node_id}/{'W' if slot == 1 else 'R'}"
+            try:
+                if node.op in RECURRENT_OP_TYPES:
+                    layer = _recurrent_layer(
+                        node, label, slot, graph_inputs, graph_outputs, sparse, protos, chains
+                    )
+                else:
+                    layer = _layer_of(node, node_id, graph_inputs, graph_outputs, sparse, protos, chains)
+            except _Rejected as why:
+                weight = node.inputs[slot].name if len(node.inputs) > slot else None
+                skipped.append(SkippedCandidate(label, node.op, str(why), weight))
+                continue
+            layer = replace(layer, index=index_of[id(node)])
+            try:
+                layer = replace(
+                    layer, bias=_bias_slot(node, layer, index_of, graph_inputs, graph_outputs, sparse)
+                )
+            except _Rejected as why:
+                layer = replace(layer, bias_problem=str(why))
+            candidates.setdefault(layer.weight, []).append((node, layer))
 
     weights: list[PrunableWeight] = []
     for name, uses in candidates.items():
@@ -171,23 +179,7 @@ def _layer_of(
         if node.op == "MatMul":
             raise _Rejected(f"both operands are activations (e.g. attention); {weight_problem}")
         raise _Rejected(weight_problem)
-    if chain is not None:
-        chains[weight.name] = chain
-        shape, dtype = chain[1][-1].out_shape, chain[1][-1].out_dtype
-    else:
-        proto = protos.get(weight.name)
-        if proto is None:
-            raise _Rejected(f"weight {weight.name!r} has no tensor value")
-        shape = tuple(int(d) for d in proto.dims)
-        dtype = str(np_dtype(proto.data_type))
-    if dtype not in SUPPORTED_DTYPES:
-        if chain is None:
-            dtype = onnx.TensorProto.DataType.Name(protos[weight.name].data_type).lower()
-        raise _Rejected(
-            f"weight dtype {dtype} is not supported (expected one of {', '.join(SUPPORTED_DTYPES)})"
-        )
-    if 0 in shape:
-        raise _Rejected(f"weight {weight.name!r} is empty, shape {list(shape)}")
+    shape = _weight_shape(weight, chain, protos, chains)
     if node.op == "MatMul":
         if len(shape) != 2:
             raise _Rejected(f"weight of rank {len(shape)} (only 2-D MatMul weights are layers)")
@@ -206,6 +198,114 @@ def _layer_of(
             transpose_input=bool(int(node.attrs.get("transA", 0))),
         )
     return _conv_layer(node, node_id, weight.name, act.name, shape)
+
+
+def _weight_shape(
+    weight: gs.Tensor,
+    chain: tuple[str, tuple[ChainStep, ...]] | None,
+    protos: dict[str, onnx.TensorProto],
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
+) -> tuple[int, ...]:
+    """The shape of a constant weight (reached through `chain`, recorded in `chains`), or
+    `_Rejected` when its dtype is not a float type or it is empty."""
+    if chain is not None:
+        chains[weight.name] = chain
+        shape, dtype = chain[1][-1].out_shape, chain[1][-1].out_dtype
+    else:
+        proto = protos.get(weight.name)
+        if proto is None:
+            raise _Rejected(f"weight {weight.name!r} has no tensor value")
+        shape = tuple(int(d) for d in proto.dims)
+        dtype = str(np_dtype(proto.data_type))
+    if dtype not in SUPPORTED_DTYPES:
+        if chain is None:
+            dtype = onnx.TensorProto.DataType.Name(protos[weight.name].data_type).lower()
+        raise _Rejected(
+            f"weight dtype {dtype} is not supported (expected one of {', '.join(SUPPORTED_DTYPES)})"
+        )
+    if 0 in shape:
+        raise _Rejected(f"weight {weight.name!r} is empty, shape {list(shape)}")
+    return shape
+
+
+def _weight_slots(node: gs.Node) -> tuple[int, ...]:
+    """The inputs of a prunable node that hold weights: W and R of a recurrent op, else input 1."""
+    return (1, 2) if node.op in RECURRENT_OP_TYPES else (1,)
+
+
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _recurrent_layer(
+    node: gs.Node,
+    label: str,
+    slot: int,
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
+) -> Layer:
+    """The W (`slot` 1) or R (`slot` 2) layer of an LSTM/GRU/RNN node, or `_Rejected`.
+
+    W's points are the time steps of X; R's are the hidden states `h_{t-1}`, which calibration
+    reads from the op's Y output (named in the calibration copy when the model leaves it unused).
+    """
+    if len(node.inputs) <= slot or not node.inputs[0].name or not node.inputs[slot].name:
+        raise _Rejected("missing an operand")
+    weight = node.inputs[slot]
+    chain = _follow_chain(weight, graph_inputs, graph_outputs, sparse, protos)
+    problem = "" if chain is not None else _constant_source(weight, graph_inputs, sparse)
+    if problem:
+        raise _Rejected(problem)
+    shape = _weight_shape(weight, chain, protos, chains)
+    attrs = node.attrs
+    direction = attrs.get("direction", "forward")
+    if isinstance(direction, bytes):
+        direction = direction.decode()
+    dirs = 2 if direction == "bidirectional" else 1
+    hidden = int(attrs.get("hidden_size", 0))
+    gates = _GATES[node.op]
+    layout = int(attrs.get("layout", 0))
+    if direction not in ("forward", "reverse", "bidirectional"):
+        raise _Rejected(f"unknown direction {direction!r}")
+    if layout not in (0, 1):
+        raise _Rejected(f"unknown layout {layout}")
+    if len(shape) != 3 or shape[0] != dirs or (hidden and shape[1] != gates * hidden):
+        raise _Rejected(
+            f"weight of shape {list(shape)} does not fit {dirs} direction(s) of {gates} gate(s)"
+            + (f" x hidden_size {hidden}" if hidden else "")
+        )
+    hidden = shape[1] // gates
+    if slot == 2 and shape[2] != hidden:
+        raise _Rejected(
+            f"recurrent weight of shape {list(shape)}: its inputs are not the {hidden} hidden units"
+        )
+    if slot == 2 and node.op == "GRU" and not int(attrs.get("linear_before_reset", 0)):
+        raise _Rejected(
+            "GRU with linear_before_reset=0: the hidden gate's recurrent rows read r * h_{t-1}, "
+            "which no tensor of the graph holds (the input weights W are pruned)"
+        )
+    initial_h = node.inputs[5].name if len(node.inputs) > 5 else ""
+    geom = RecurrentGeometry(
+        op=node.op,
+        directions=dirs,
+        reverse=direction == "reverse",
+        hidden_size=hidden,
+        gates=gates,
+        layout=layout,
+        hidden=slot == 2,
+        initial_h=initial_h,
+    )
+    act = node.inputs[0].name
+    if slot == 2:
+        y = node.outputs[0].name if node.outputs else ""
+        act = y or re.sub(r"[^0-9A-Za-z_]", "_", label) + "_sipp_Y"
+        constant_h = bool(initial_h) and _is_constant(node.inputs[5], graph_inputs, sparse)
+        geom = replace(geom, name_output=not y, initial_h_constant=constant_h)
+    return Layer(
+        label, node.op, weight.name, act, shape, WeightLayout.STACKED, recurrent=geom, weight_input=slot
+    )
 
 
 def _chain_root(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> gs.Tensor | None:
@@ -398,6 +498,8 @@ def _bias_slot(
     sparse: set[str],
 ) -> BiasSlot:
     """Where the bias refit can shift this layer's outputs, or raise `_Rejected` with why not."""
+    if layer.recurrent is not None:
+        return _recurrent_bias(node, layer, index_of[id(node)], graph_inputs, graph_outputs, sparse)
     if node.op == "MatMul":
         out = node.outputs[0]
         consumers = list(out.outputs)
@@ -416,6 +518,36 @@ def _bias_slot(
             node, 2, layer.n_out, index_of[id(node)], scale, graph_inputs, graph_outputs, sparse
         )
     return BiasSlot(index_of[id(node)], 2, None, scale)
+
+
+def _recurrent_bias(
+    node: gs.Node,
+    layer: Layer,
+    index: int,
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+) -> BiasSlot:
+    """A recurrent op's B `[dirs, 2 * gates * hidden]` holds W's bias, then R's: each layer
+    shifts its own part (a GRU's R part of the hidden gate sits inside `r * (...)`, exactly
+    where R's output is)."""
+    geom = layer.recurrent
+    assert geom is not None
+    width = geom.gates * geom.hidden_size
+    part = (width, 2 * width) if geom.hidden else (0, width)
+    if len(node.inputs) <= 3 or not node.inputs[3].name:
+        return BiasSlot(index, 3, None, part=part)
+    tensor = node.inputs[3]
+    problem = _constant_source(tensor, graph_inputs, sparse)
+    if problem:
+        raise _Rejected(f"no bias to refit: {problem}")
+    if len(tensor.outputs) != 1 or tensor.name in graph_outputs:
+        raise _Rejected(f"no bias to refit: bias {tensor.name!r} is shared")
+    value = tensor if isinstance(tensor, gs.Constant) else tensor.inputs[0].attrs["value"]
+    shape = tuple(int(d) for d in value.shape)
+    if shape != (geom.directions, 2 * width):
+        raise _Rejected(f"no bias to refit: B has shape {list(shape)}")
+    return BiasSlot(index, 3, tensor.name, part=part)
 
 
 def _existing_bias(
@@ -463,12 +595,12 @@ def _sharing_problem(
                 )
     if name in graph_outputs:
         return f"weight {name!r} is also a graph output"
-    layer_nodes = {id(node) for node, _ in uses}
-    tensor = uses[0][0].inputs[1]
+    layer_slots = {id(node): layer.weight_input for node, layer in uses}
+    tensor = uses[0][0].inputs[uses[0][1].weight_input]
     top_level = {id(n) for n in graph.nodes}
     for consumer in tensor.outputs:
         slots = [i for i, t in enumerate(consumer.inputs) if t is tensor]
-        if id(consumer) in layer_nodes and slots == [1]:
+        if id(consumer) in layer_slots and slots == [layer_slots[id(consumer)]]:
             continue
         where = "" if id(consumer) in top_level else " inside a subgraph"
         label = ids.get(id(consumer), consumer.name or consumer.op)

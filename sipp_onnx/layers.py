@@ -6,6 +6,8 @@ output neuron i (spec section 1). The stored tensor's layout decides how to get 
 - ROWS:    stored `[N_out, K]`                    (Gemm with transB=1)
 - COLUMNS: stored `[K, N_out]`                    (Gemm with transB=0, MatMul)
 - CONV:    stored `[C_out, C_in/g, k1, ..., kn]`  (row i = W[i] flattened in (c, k...) order)
+- STACKED: stored `[..., N, K]`                   (LSTM/GRU/RNN `[dirs, gates*hidden, K]`: the
+                                                   rows of every direction, one after another)
 
 This module imports numpy only, so the maths modules can use it without onnx.
 """
@@ -23,6 +25,7 @@ class WeightLayout(StrEnum):
     ROWS = "rows"
     COLUMNS = "columns"
     CONV = "conv"
+    STACKED = "stacked"
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,39 @@ class ConvGeometry:
 
 
 @dataclass(frozen=True)
+class RecurrentGeometry:
+    """What an LSTM/GRU/RNN weight reads, per ONNX's recurrent-op semantics.
+
+    The input weights W `[dirs, gates*hidden, input]` read every time step's `x_t`; the
+    recurrent weights R `[dirs, gates*hidden, hidden]` read the hidden state `h_{t-1}`, which is
+    the op's own output Y one step earlier (`initial_h`, or zeros, at the first step; the
+    reverse direction runs from the last step to the first). Both are tensors ONNX Runtime can
+    return, so the points are exact, not approximated.
+    """
+
+    op: str
+    directions: int
+    reverse: bool
+    """A single direction that runs backwards (direction='reverse')."""
+    hidden_size: int
+    gates: int
+    layout: int
+    """ONNX `layout`: 0 = `[seq, batch, ...]` tensors, 1 = `[batch, seq, ...]`."""
+    hidden: bool
+    """True for R (the points are `h_{t-1}`), False for W (the points are `x_t`)."""
+    initial_h: str = ""
+    """The `initial_h` input ('' when absent: zeros)."""
+    initial_h_constant: bool = False
+    """`initial_h` is a constant (read from the model, not captured)."""
+    name_output: bool = False
+    """R only: the op's Y output is unnamed (unused), so the calibration copy names it."""
+
+    def h0_axes(self) -> tuple[int, int]:
+        """(direction axis, batch axis) of `initial_h`."""
+        return (0, 1) if self.layout == 0 else (1, 0)
+
+
+@dataclass(frozen=True)
 class BiasSlot:
     """Where the per-output bias of a layer lives, for the bias refit.
 
@@ -60,11 +96,17 @@ class BiasSlot:
     tensor: str | None
     scale: float = 1.0
     """Gemm's beta (the bias is multiplied by it); 1 otherwise."""
+    part: tuple[int, int] | None = None
+    """Recurrent ops: the bias is entries `[start, stop)` of the last axis of B `[dirs, width]`
+    (W's part, then R's); the shift `[dirs * (stop - start)]` goes there, direction by
+    direction. A new B is `[dirs, width]` zeros with `width = 2 * (stop - start)`."""
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One use of a constant weight by a Gemm, MatMul or Conv node."""
+    """One use of a constant weight by a Gemm, MatMul, Conv or recurrent (LSTM/GRU/RNN) node.
+
+    A recurrent node has two layers, W and R, named `<node>/W` and `<node>/R`."""
 
     node: str
     """Unique node identifier: the node name, or `<op>#<index>` when it is empty or repeated."""
@@ -83,12 +125,19 @@ class Layer:
     bias: BiasSlot | None = None
     """Where the bias refit writes; None when it cannot (see `bias_problem`)."""
     bias_problem: str = ""
+    recurrent: RecurrentGeometry | None = None
+    weight_input: int = 1
+    """Which input of the node the weight is (2 for a recurrent op's R)."""
+    refit_problem: str = ""
+    """Why the least-squares refit must not move this layer's kept weights (mask and bias only)."""
 
     @property
     def n_out(self) -> int:
         """Output neurons (rows)."""
         if self.layout is WeightLayout.COLUMNS:
             return self.weight_shape[1]
+        if self.layout is WeightLayout.STACKED:
+            return prod(self.weight_shape[:-1])
         return self.weight_shape[0]
 
     @property
@@ -96,7 +145,19 @@ class Layer:
         """Row length K."""
         if self.layout is WeightLayout.COLUMNS:
             return self.weight_shape[0]
+        if self.layout is WeightLayout.STACKED:
+            return self.weight_shape[-1]
         return prod(self.weight_shape[1:])
+
+    @property
+    def groups(self) -> int:
+        """Row groups with their own input points: a grouped Conv's groups, a recurrent R's
+        directions (each reads its own direction's hidden state), else 1."""
+        if self.conv is not None:
+            return self.conv.group
+        if self.recurrent is not None and self.recurrent.hidden:
+            return self.recurrent.directions
+        return 1
 
     @property
     def kernel_size(self) -> int:
@@ -196,6 +257,8 @@ def to_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
         return weight
     if layout is WeightLayout.COLUMNS:
         return weight.T
+    if layout is WeightLayout.STACKED:
+        return weight.reshape(-1, weight.shape[-1])
     return weight.reshape(weight.shape[0], -1)
 
 

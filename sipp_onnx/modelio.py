@@ -266,20 +266,38 @@ def shift_bias(
     base_dir: Path | None = None,
 ) -> str:
     """Add `shift / slot.scale` to the bias at `slot`, creating the bias input when the node has
-    none (as a new initializer of `dtype`). Returns the bias tensor's name."""
+    none (as a new initializer of `dtype`). Returns the bias tensor's name.
+
+    With `slot.part` (a recurrent op's B), the shift goes into its part of every direction's
+    row; the B that an earlier shift of the same node created is reused."""
     values = np.asarray(shift, dtype=np.float64) / slot.scale
-    if slot.tensor is not None:
-        tensor = protos[slot.tensor]
-        current = read_tensor(tensor, base_dir)
-        write_tensor(tensor, current.astype(np.float64) + values.reshape(current.shape))
-        return slot.tensor
     node = model.graph.node[slot.node_index]
+    name = slot.tensor
+    if name is None and slot.part is not None and len(node.input) > slot.input_index:
+        name = node.input[slot.input_index] or None  # created by the other part's refit
+    if name is not None:
+        tensor = protos[name]
+        current = read_tensor(tensor, base_dir).astype(np.float64)
+        if slot.part is not None:
+            start, stop = slot.part
+            current[:, start:stop] += values.reshape(current.shape[0], stop - start)
+        else:
+            current += values.reshape(current.shape)
+        write_tensor(tensor, current)
+        return name
+    if slot.part is not None:
+        start, stop = slot.part
+        width = 2 * (stop - start)
+        full = np.zeros((values.size // (stop - start), width))
+        full[:, start:stop] = values.reshape(full.shape[0], stop - start)
+        values = full
     taken = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}
     taken |= {name for n in model.graph.node for name in n.output}
-    name, suffix = f"{node.output[0]}_sipp_bias", 0
+    stem = node.output[0] if node.output and node.output[0] else node.name or node.op_type
+    name, suffix = f"{stem}_sipp_bias", 0
     while name in taken:
         suffix += 1
-        name = f"{node.output[0]}_sipp_bias{suffix}"
+        name = f"{stem}_sipp_bias{suffix}"
     model.graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name))
     while len(node.input) < slot.input_index:
         node.input.append("")

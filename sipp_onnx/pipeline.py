@@ -5,10 +5,11 @@ load -> discover -> calibration -> capture (+ sensitivity) -> select -> rewrite 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -36,12 +37,14 @@ from .modelio import (
     model_files,
     model_inputs,
     over_2gb,
+    read_tensor,
     resolve_mask_input,
     save_model_atomic,
     shift_bias,
     tensor_protos,
 )
 from .pattern import pattern_problem
+from .recurrent import HiddenStateAccumulator, SequenceInputAccumulator
 from .refit import RefitOutcome, damped, refit_layer
 from .report import LayerReport, OutputCheck, PruneReport, RefitReport, SensitivityStats
 from .runtime import make_session, run_error
@@ -91,9 +94,7 @@ def recommended_samples(layers: list[Layer], stats: Mapping[str, LayerStatistics
 
 def gram_bytes(found: Discovery) -> int:
     """Memory of the refit's statistics: per layer and group, a `K x K` float64 Gram matrix."""
-    return sum(
-        (layer.conv.group if layer.conv is not None else 1) * layer.fan_in**2 * 8 for layer in found.layers
-    )
+    return sum(layer.groups * layer.fan_in**2 * 8 for layer in found.layers)
 
 
 def _read_weights(
@@ -110,15 +111,69 @@ def _read_weights(
     return weights
 
 
+LayerAccumulator = DenseAccumulator | ConvAccumulator | HiddenStateAccumulator
+
+
 def _accumulator(
-    layer: Layer, weight: np.ndarray, config: PruneConfig, sensitivity: bool, gram: bool, samples: int
-) -> DenseAccumulator | ConvAccumulator:
+    layer: Layer,
+    weight: np.ndarray,
+    config: PruneConfig,
+    sensitivity: bool,
+    gram: bool,
+    samples: int,
+    initial_h: np.ndarray | None = None,
+) -> LayerAccumulator:
+    """The accumulator of one layer; `initial_h`: a recurrent R's constant initial state."""
     rows = to_rows(weight, layer.layout)
     reduction, terms, seed = config.reduction.value, config.terms.value, config.seed
     cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
     if layer.conv is not None:
         return ConvAccumulator(rows, layer.conv, reduction, sensitivity, terms, gram, cap, seed)
+    if layer.recurrent is not None and layer.recurrent.hidden:
+        return HiddenStateAccumulator(
+            rows, layer.recurrent, initial_h, reduction, sensitivity, terms, gram, cap, seed
+        )
+    if layer.recurrent is not None:
+        return SequenceInputAccumulator(
+            rows,
+            layer.recurrent,
+            compute_sensitivity=sensitivity,
+            reduction=reduction,
+            terms=terms,
+            gram=gram,
+            max_points_per_sample=cap,
+            seed=seed,
+        )
     return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed)
+
+
+def _feeds(layer: Layer, acc: LayerAccumulator) -> dict[str, Accumulator]:
+    """Captured tensor name -> what receives it, for one layer's accumulator."""
+    if isinstance(acc, HiddenStateAccumulator):
+        assert layer.recurrent is not None
+        names = {"Y": layer.input, "initial_h": layer.recurrent.initial_h}
+        return {names[kind]: feeder for kind, feeder in acc.feeders().items()}
+    return {layer.input: acc}
+
+
+@contextlib.contextmanager
+def _named_outputs(proto: onnx.ModelProto, found: Discovery) -> Iterator[None]:
+    """Name the unused Y outputs that recurrent R layers read, for the calibration pass only."""
+    renamed = []
+    for layer in found.layers:
+        if layer.recurrent is not None and layer.recurrent.name_output:
+            node = proto.graph.node[layer.index]
+            if not node.output:
+                node.output.append("")
+            renamed.append((node, node.output[0]))
+            node.output[0] = layer.input
+    try:
+        yield
+    finally:
+        for node, name in reversed(renamed):
+            node.output[0] = name
+            while node.output and not node.output[-1]:
+                node.output.pop()  # trailing empty outputs: as the model had them (or none)
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -556,13 +611,17 @@ def _calibrate(
                 size / 1e9,
             )
     accumulators: dict[str, list[Accumulator]] = {}
-    by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
+    by_node: dict[str, LayerAccumulator] = {}
+    protos = tensor_protos(proto)
     for w in found.weights:
         # Without sensitivities only the weight's shape matters: a zero-strided stand-in.
         values = weights[w.name] if sensitivity else np.broadcast_to(np.float32(0), w.shape)
         for layer in w.layers:
-            acc = _accumulator(layer, values, config, sensitivity, gram, data.samples)
-            accumulators.setdefault(layer.input, []).append(acc)
+            geom = layer.recurrent
+            h0 = read_tensor(protos[geom.initial_h], base_dir) if geom and geom.initial_h_constant else None
+            acc = _accumulator(layer, values, config, sensitivity, gram, data.samples, h0)
+            for name, feeder in _feeds(layer, acc).items():
+                accumulators.setdefault(name, []).append(feeder)
             by_node[layer.node] = acc
     pairs: dict[str, tuple[int, list[Accumulator]]] = {}
     pair_nodes: dict[str, DenseAccumulator | ConvAccumulator] = {}
@@ -581,18 +640,19 @@ def _calibrate(
                 pair = DenseAccumulator(rows, False, False, "max", terms, True, None, seed)
             pairs.setdefault(layer.input, (1 if layer.conv is not None else -1, []))[1].append(pair)
             pair_nodes[layer.node] = pair
-    captured = capture(
-        proto,
-        data,
-        accumulators,
-        config.batch_size,
-        config.provider,
-        progress,
-        mask_input,
-        base_dir,
-        teacher,
-        pairs,
-    )
+    with _named_outputs(proto, found):
+        captured = capture(
+            proto,
+            data,
+            accumulators,
+            config.batch_size,
+            config.provider,
+            progress,
+            mask_input,
+            base_dir,
+            teacher,
+            pairs,
+        )
     accumulators.clear()
     pairs.clear()
     results = {}
@@ -609,7 +669,7 @@ def _pairable(weight: PrunableWeight) -> bool:
     and an input whose points concatenate along one axis (a Gemm/MatMul without transA, or an
     ungrouped Conv)."""
     layer = weight.primary
-    if len(weight.layers) != 1:
+    if len(weight.layers) != 1 or layer.recurrent is not None:
         return False
     return layer.conv.group == 1 if layer.conv is not None else not layer.transpose_input
 
@@ -778,7 +838,11 @@ def _curves(
             cost, energy = mask_cost(score.rows, score.input_sqnorm)
             measure = partial(error_curve, cost, energy, live=live, most=most)
         else:
-            refit = config.refit is Refit.OBS and st.points >= score.rows.shape[1]
+            refit = (
+                config.refit is Refit.OBS
+                and st.points >= score.rows.shape[1]
+                and not weight.primary.refit_problem
+            )
             mine = (
                 factors.setdefault(weight.name, {})
                 if config.refit is Refit.OBS and not config.sequential
@@ -846,7 +910,7 @@ def _refit(
         st.gram,
         st.input_sum,
         st.points,
-        weights=mode is Refit.OBS,
+        weights=mode is Refit.OBS and not layer.refit_problem,
         bias=layer.bias is not None,
         factors=factors,
     )
@@ -854,8 +918,8 @@ def _refit(
     if layer.bias is not None and outcome.bias_shift is not None:
         shift = outcome.bias_shift if target is None else outcome.bias_shift + target[1]
         bias_tensor = shift_bias(proto, protos, layer.bias, shift, weight.dtype, base_dir)
-    how = outcome.solver if mode is Refit.OBS else "bias"
-    note = layer.bias_problem if layer.bias is None else ""
+    how = outcome.solver if mode is Refit.OBS and not layer.refit_problem else "bias"
+    note = layer.bias_problem if layer.bias is None else layer.refit_problem
     log.debug("refit %s: output error %.4g -> %.4g", weight.name, outcome.error_before, outcome.error_after)
     return (
         replace(sel, rows=outcome.rows),
