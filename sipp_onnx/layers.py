@@ -64,7 +64,7 @@ class BiasSlot:
 
 @dataclass(frozen=True)
 class Layer:
-    """One use of a constant weight by a Gemm, MatMul or Conv node."""
+    """One use of a constant weight by a Gemm, MatMul, Conv or Einsum node."""
 
     node: str
     """Unique node identifier: the node name, or `<op>#<index>` when it is empty or repeated."""
@@ -83,6 +83,10 @@ class Layer:
     bias: BiasSlot | None = None
     """Where the bias refit writes; None when it cannot (see `bias_problem`)."""
     bias_problem: str = ""
+    input_axes: tuple[int, ...] = ()
+    """Axes of the activation (counted from its end) that hold a point, in the weight's order;
+    () for the last axis. Set for an Einsum that contracts other axes (`bji,jk->bik`, or two
+    axes at once, `abcd,cde->abe`): the accumulator moves them last and flattens them."""
 
     @property
     def n_out(self) -> int:
@@ -170,7 +174,7 @@ class PrunableWeight:
 
 @dataclass(frozen=True)
 class SkippedCandidate:
-    """A Gemm/MatMul/Conv node, or a weight, that is not pruned, and why."""
+    """A Gemm/MatMul/Conv/Einsum node, or a weight, that is not pruned, and why."""
 
     node: str
     op_type: str

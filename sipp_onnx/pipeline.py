@@ -118,7 +118,9 @@ def _accumulator(
     cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
     if layer.conv is not None:
         return ConvAccumulator(rows, layer.conv, reduction, sensitivity, terms, gram, cap, seed)
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed)
+    return DenseAccumulator(
+        rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed, layer.input_axes
+    )
 
 
 def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: str) -> np.ndarray:
@@ -606,12 +608,14 @@ def _calibrate(
 
 def _pairable(weight: PrunableWeight) -> bool:
     """Whether the sequential refit can fit this weight to the dense model's outputs: one use,
-    and an input whose points concatenate along one axis (a Gemm/MatMul without transA, or an
-    ungrouped Conv)."""
+    and an input whose points concatenate along one axis (a Gemm/MatMul without transA, an
+    Einsum with its points on the last axis, or an ungrouped Conv)."""
     layer = weight.primary
     if len(weight.layers) != 1:
         return False
-    return layer.conv.group == 1 if layer.conv is not None else not layer.transpose_input
+    if layer.conv is not None:
+        return layer.conv.group == 1
+    return not layer.transpose_input and not layer.input_axes
 
 
 def _teacher_target(rows: np.ndarray, pair: LayerStatistics) -> tuple[np.ndarray, np.ndarray]:
@@ -865,7 +869,7 @@ def _refit(
 
 def _no_layers_message(found: Discovery) -> str:
     if not found.skipped:
-        return "the model has no Gemm, MatMul or Conv node to prune"
+        return "the model has no Gemm, MatMul, Conv or Einsum node to prune"
     reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3])
     more = f" (and {len(found.skipped) - 3} more)" if len(found.skipped) > 3 else ""
     return f"no prunable layer: {reasons}{more}"
