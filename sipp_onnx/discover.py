@@ -1,10 +1,12 @@
 """Find the prunable layers of an ONNX graph.
 
 A layer is a Gemm, MatMul or Conv node of the top-level graph whose weight operand is constant:
-an initializer that no caller can override, or the output of a `Constant` node. A weight is
+an initializer that no caller can override, or the output of a `Constant` node; or an Einsum
+with one such operand whose equation is a MatMul in disguise (see `einsum`); or the W or R of
+an LSTM/GRU/RNN (see `recurrent`). A weight is
 pruned only when every consumer is such a layer using it as its weight; anything else that reads
 it (another op, a subgraph, a graph output, an excluded layer) would silently change, so the
-weight is skipped with that reason. Every Gemm/MatMul/Conv that is not pruned is reported with
+weight is skipped with that reason. Every candidate node that is not pruned is reported with
 the reason, including nodes inside If/Loop/Scan subgraphs.
 """
 
@@ -21,6 +23,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
 
 from .config import PRUNABLE_OP_TYPES, RECURRENT_OP_TYPES
+from .einsum import DenseEinsum, EinsumRejected, dense_einsum
 from .errors import ModelError
 from .layers import (
     BiasSlot,
@@ -50,7 +53,7 @@ def discover(
     op_types: Iterable[str] = PRUNABLE_OP_TYPES,
     exclude: Iterable[str] = (),
 ) -> Discovery:
-    """Walk the top-level graph and classify every Gemm/MatMul/Conv node."""
+    """Walk the top-level graph and classify every candidate node (`PRUNABLE_OP_TYPES`)."""
     try:
         with _quiet_graphsurgeon():
             graph = gs.import_onnx(model)
@@ -68,11 +71,12 @@ def discover(
     skipped: list[SkippedCandidate] = []
     candidates: dict[str, list[tuple[gs.Node, Layer]]] = {}
     chains: dict[str, tuple[str, tuple[ChainStep, ...]]] = {}
+    einsums: dict[str, DenseEinsum] = {}
     for node in graph.nodes:
         if node.op not in PRUNABLE_OP_TYPES:
             continue
         node_id = ids[id(node)]
-        for slot in _weight_slots(node):
+        for slot in _weight_slots(node, graph_inputs, sparse):
             label = node_id if node.op not in RECURRENT_OP_TYPES else f"{node_id}/{'W' if slot == 1 else 'R'}"
             try:
                 if node.op in RECURRENT_OP_TYPES:
@@ -80,16 +84,19 @@ def discover(
                         node, label, slot, graph_inputs, graph_outputs, sparse, protos, chains
                     )
                 else:
-                    layer = _layer_of(node, node_id, graph_inputs, graph_outputs, sparse, protos, chains)
+                    layer = _layer_of(
+                        node, node_id, graph_inputs, graph_outputs, sparse, protos, chains, einsums
+                    )
             except _Rejected as why:
                 weight = node.inputs[slot].name if len(node.inputs) > slot else None
                 skipped.append(SkippedCandidate(label, node.op, str(why), weight))
                 continue
             layer = replace(layer, index=index_of[id(node)])
             try:
-                layer = replace(
-                    layer, bias=_bias_slot(node, layer, index_of, graph_inputs, graph_outputs, sparse)
+                bias = _bias_slot(
+                    node, layer, index_of, graph_inputs, graph_outputs, sparse, einsums.get(node_id)
                 )
+                layer = replace(layer, bias=bias)
             except _Rejected as why:
                 layer = replace(layer, bias_problem=str(why))
             candidates.setdefault(layer.weight, []).append((node, layer))
@@ -153,6 +160,19 @@ def _is_constant(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) ->
     return _constant_source(tensor, graph_inputs, sparse) == ""
 
 
+def _weight_slot(node: gs.Node, graph_inputs: set[str], sparse: set[str]) -> int:
+    """Input 1, except for an Einsum whose only constant operand is the first."""
+    if node.op != "Einsum" or len(node.inputs) != 2:
+        return 1
+    first, second = (_constant_like(t, graph_inputs, sparse) for t in node.inputs)
+    return 0 if first and not second else 1
+
+
+def _constant_like(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> bool:
+    """A constant, or computed from one by followed ops only."""
+    return _is_constant(tensor, graph_inputs, sparse) or _chain_root(tensor, graph_inputs, sparse) is not None
+
+
 def _layer_of(
     node: gs.Node,
     node_id: str,
@@ -161,14 +181,19 @@ def _layer_of(
     sparse: set[str],
     protos: dict[str, onnx.TensorProto],
     chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
+    einsums: dict[str, DenseEinsum],
 ) -> Layer:
-    """The Layer for a Gemm/MatMul/Conv node, or raise `_Rejected` with the reason.
+    """The Layer for a Gemm/MatMul/Conv/Einsum node, or raise `_Rejected` with the reason.
 
-    A weight computed from a constant by followed ops is recorded in `chains`."""
+    A weight computed from a constant by followed ops is recorded in `chains`, how an Einsum
+    reads its weight in `einsums`."""
+    if node.op == "Einsum" and len(node.inputs) != 2:
+        raise _Rejected(f"Einsum of {len(node.inputs)} operands (a dense layer has two)")
     if len(node.inputs) < 2 or not node.inputs[0].name or not node.inputs[1].name:
         raise _Rejected("missing an operand")
-    act, weight = node.inputs[0], node.inputs[1]
-    act_const = _is_constant(act, graph_inputs, sparse) or _chain_root(act, graph_inputs, sparse) is not None
+    slot = _weight_slot(node, graph_inputs, sparse)
+    act, weight = node.inputs[1 - slot], node.inputs[slot]
+    act_const = _constant_like(act, graph_inputs, sparse)
     chain = _follow_chain(weight, graph_inputs, graph_outputs, sparse, protos)
     weight_problem = "" if chain is not None else _constant_source(weight, graph_inputs, sparse)
     if act_const and not weight_problem:
@@ -176,10 +201,18 @@ def _layer_of(
     if act_const and node.op in ("MatMul", "Gemm"):
         raise _Rejected("only the left operand is constant: its rows are not output neurons of this node")
     if weight_problem:
-        if node.op == "MatMul":
+        if node.op in ("MatMul", "Einsum"):
             raise _Rejected(f"both operands are activations (e.g. attention); {weight_problem}")
         raise _Rejected(weight_problem)
     shape = _weight_shape(weight, chain, protos, chains)
+    if node.op == "Einsum":
+        stored, steps = chain if chain is not None else (weight.name, ())
+        layer, dense = _einsum_layer(node, node_id, slot, act, weight.name, shape)
+        if layer.weight_shape != shape:  # read as its matrix through one more Reshape
+            dtype = steps[-1].out_dtype if steps else str(np_dtype(protos[weight.name].data_type))
+            chains[weight.name] = (stored, (*steps, ChainStep("Reshape", shape, layer.weight_shape, dtype)))
+        einsums[node_id] = dense
+        return layer
     if node.op == "MatMul":
         if len(shape) != 2:
             raise _Rejected(f"weight of rank {len(shape)} (only 2-D MatMul weights are layers)")
@@ -198,6 +231,38 @@ def _layer_of(
             transpose_input=bool(int(node.attrs.get("transA", 0))),
         )
     return _conv_layer(node, node_id, weight.name, act.name, shape)
+
+
+def _einsum_layer(
+    node: gs.Node,
+    node_id: str,
+    slot: int,
+    act: gs.Tensor,
+    weight: str,
+    shape: tuple[int, ...],
+) -> tuple[Layer, DenseEinsum]:
+    """An Einsum that is a dense layer (see `einsum`), its weight of `shape` read as the matrix
+    `Layer.weight_shape`."""
+    equation = node.attrs.get("equation", "")
+    if isinstance(equation, bytes):
+        equation = equation.decode()
+    rank = len(act.shape) if act.shape is not None else None
+    try:
+        dense = dense_einsum(str(equation), slot, shape, rank)
+    except EinsumRejected as why:
+        raise _Rejected(f"equation {equation!r}: {why}") from None
+    layer = Layer(
+        node_id,
+        "Einsum",
+        weight,
+        act.name,
+        dense.matrix_shape,
+        dense.layout,
+        bias_problem=dense.bias_problem,
+        input_axes=dense.input_axes,
+        weight_input=slot,
+    )
+    return layer, dense
 
 
 def _weight_shape(
@@ -228,9 +293,9 @@ def _weight_shape(
     return shape
 
 
-def _weight_slots(node: gs.Node) -> tuple[int, ...]:
-    """The inputs of a prunable node that hold weights: W and R of a recurrent op, else input 1."""
-    return (1, 2) if node.op in RECURRENT_OP_TYPES else (1,)
+def _weight_slots(node: gs.Node, graph_inputs: set[str], sparse: set[str]) -> tuple[int, ...]:
+    """The inputs of a prunable node that hold weights: W and R of a recurrent op, else one."""
+    return (1, 2) if node.op in RECURRENT_OP_TYPES else (_weight_slot(node, graph_inputs, sparse),)
 
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -496,19 +561,30 @@ def _bias_slot(
     graph_inputs: set[str],
     graph_outputs: set[str],
     sparse: set[str],
+    einsum: DenseEinsum | None = None,
 ) -> BiasSlot:
     """Where the bias refit can shift this layer's outputs, or raise `_Rejected` with why not."""
     if layer.recurrent is not None:
         return _recurrent_bias(node, layer, index_of[id(node)], graph_inputs, graph_outputs, sparse)
-    if node.op == "MatMul":
+    if einsum is not None and einsum.bias_problem:
+        raise _Rejected(einsum.bias_problem)
+    if node.op in ("MatMul", "Einsum"):
         out = node.outputs[0]
         consumers = list(out.outputs)
         if out.name in graph_outputs or len(consumers) != 1 or consumers[0].op != "Add":
-            raise _Rejected("no bias: the MatMul output does not go to a single Add")
+            raise _Rejected(f"no bias: the {node.op} output does not go to a single Add")
         add = consumers[0]
         slot = 1 if add.inputs[0] is out else 0
         return _existing_bias(
-            add, slot, layer.n_out, index_of[id(add)], 1.0, graph_inputs, graph_outputs, sparse
+            add,
+            slot,
+            layer.n_out,
+            index_of[id(add)],
+            1.0,
+            graph_inputs,
+            graph_outputs,
+            sparse,
+            einsum.free if einsum is not None else None,
         )
     scale = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
     if scale == 0.0:
@@ -559,7 +635,9 @@ def _existing_bias(
     graph_inputs: set[str],
     graph_outputs: set[str],
     sparse: set[str],
+    free: tuple[int, ...] | None = None,
 ) -> BiasSlot:
+    """`free`: an Einsum's output neuron dims, which its bias must match (leading 1s aside)."""
     tensor = node.inputs[slot]
     problem = _constant_source(tensor, graph_inputs, sparse)
     if problem:
@@ -570,9 +648,20 @@ def _existing_bias(
     if shape is None:
         values = tensor.inputs[0].attrs["value"]
         shape = tuple(int(d) for d in values.shape)
-    if prod(shape) != n_out or (shape and shape[-1] != n_out):
+    if free is not None and len(free) > 1:
+        if _strip_ones(shape) != _strip_ones(free):
+            raise _Rejected(
+                f"no bias to refit: bias {tensor.name!r} has shape {list(shape)}, not {list(free)}"
+            )
+    elif prod(shape) != n_out or (shape and shape[-1] != n_out):
         raise _Rejected(f"no bias to refit: bias {tensor.name!r} has shape {list(shape)}, not [{n_out}]")
     return BiasSlot(index, slot, tensor.name, scale)
+
+
+def _strip_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape without its leading 1s (what a broadcast bias must match)."""
+    start = next((i for i, d in enumerate(shape) if d != 1), len(shape))
+    return tuple(shape[start:])
 
 
 def _sharing_problem(
@@ -595,6 +684,9 @@ def _sharing_problem(
                 )
     if name in graph_outputs:
         return f"weight {name!r} is also a graph output"
+    if len({layer.weight_shape for _, layer in uses}) > 1:
+        views = ", ".join(sorted({str(list(layer.weight_shape)) for _, layer in uses}))
+        return f"weight {name!r} is read as matrices of different shapes ({views}) by its Einsum uses"
     layer_slots = {id(node): layer.weight_input for node, layer in uses}
     tensor = uses[0][0].inputs[uses[0][1].weight_input]
     top_level = {id(n) for n in graph.nodes}

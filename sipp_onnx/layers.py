@@ -104,9 +104,8 @@ class BiasSlot:
 
 @dataclass(frozen=True)
 class Layer:
-    """One use of a constant weight by a Gemm, MatMul, Conv or recurrent (LSTM/GRU/RNN) node.
-
-    A recurrent node has two layers, W and R, named `<node>/W` and `<node>/R`."""
+    """One use of a constant weight by a Gemm, MatMul, Conv, Einsum or recurrent (LSTM/GRU/RNN)
+    node. A recurrent node has two layers, W and R, named `<node>/W` and `<node>/R`."""
 
     node: str
     """Unique node identifier: the node name, or `<op>#<index>` when it is empty or repeated."""
@@ -127,9 +126,14 @@ class Layer:
     bias_problem: str = ""
     recurrent: RecurrentGeometry | None = None
     weight_input: int = 1
-    """Which input of the node the weight is (2 for a recurrent op's R)."""
+    """Which input of the node the weight is (2 for a recurrent op's R, 0 for an Einsum whose
+    weight comes first)."""
     refit_problem: str = ""
     """Why the least-squares refit must not move this layer's kept weights (mask and bias only)."""
+    input_axes: tuple[int, ...] = ()
+    """Axes of the activation (counted from its end) that hold a point, in the weight's order;
+    () for the last axis. Set for an Einsum that contracts other axes (`bji,jk->bik`, or two
+    axes at once, `abcd,cde->abe`): the accumulator moves them last and flattens them."""
 
     @property
     def n_out(self) -> int:
@@ -231,7 +235,7 @@ class PrunableWeight:
 
 @dataclass(frozen=True)
 class SkippedCandidate:
-    """A Gemm/MatMul/Conv node, or a weight, that is not pruned, and why."""
+    """A Gemm/MatMul/Conv/Einsum node, or a weight, that is not pruned, and why."""
 
     node: str
     op_type: str

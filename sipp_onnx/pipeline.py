@@ -144,7 +144,9 @@ def _accumulator(
             max_points_per_sample=cap,
             seed=seed,
         )
-    return DenseAccumulator(rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed)
+    return DenseAccumulator(
+        rows, layer.transpose_input, sensitivity, reduction, terms, gram, cap, seed, layer.input_axes
+    )
 
 
 def _feeds(layer: Layer, acc: LayerAccumulator) -> dict[str, Accumulator]:
@@ -666,12 +668,14 @@ def _calibrate(
 
 def _pairable(weight: PrunableWeight) -> bool:
     """Whether the sequential refit can fit this weight to the dense model's outputs: one use,
-    and an input whose points concatenate along one axis (a Gemm/MatMul without transA, or an
-    ungrouped Conv)."""
+    and an input whose points concatenate along one axis (a Gemm/MatMul without transA, an
+    Einsum with its points on the last axis, or an ungrouped Conv)."""
     layer = weight.primary
     if len(weight.layers) != 1 or layer.recurrent is not None:
         return False
-    return layer.conv.group == 1 if layer.conv is not None else not layer.transpose_input
+    if layer.conv is not None:
+        return layer.conv.group == 1
+    return not layer.transpose_input and not layer.input_axes
 
 
 def _teacher_target(rows: np.ndarray, pair: LayerStatistics) -> tuple[np.ndarray, np.ndarray]:
@@ -929,7 +933,7 @@ def _refit(
 
 def _no_layers_message(found: Discovery) -> str:
     if not found.skipped:
-        return "the model has no Gemm, MatMul or Conv node to prune"
+        return "the model has no Gemm, MatMul, Conv or Einsum node to prune"
     reasons = "; ".join(f"{s.node}: {s.reason}" for s in found.skipped[:3])
     more = f" (and {len(found.skipped) - 3} more)" if len(found.skipped) > 3 else ""
     return f"no prunable layer: {reasons}{more}"

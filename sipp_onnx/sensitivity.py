@@ -278,9 +278,10 @@ def _max_of_sample_means(recip: np.ndarray, part: np.ndarray, out: np.ndarray) -
 
 
 class DenseAccumulator(_Accumulator):
-    """Gemm / MatMul. The first axis of the input counts samples; each vector along the last
-    axis is a point (the rows of a Gemm input, every token of a sequence). Gemm with transA
-    takes an input `[K, M]` whose columns are the samples."""
+    """Gemm / MatMul / Einsum. The first axis of the input counts samples; each vector along the
+    last axis is a point (the rows of a Gemm input, every token of a sequence). Gemm with transA
+    takes an input `[K, M]` whose columns are the samples; an Einsum with `input_axes` has its
+    points along those axes (moved last and flattened, the other axes keep their order)."""
 
     def __init__(
         self,
@@ -292,9 +293,11 @@ class DenseAccumulator(_Accumulator):
         gram: bool = False,
         max_points_per_sample: int | None = None,
         seed: int = 0,
+        input_axes: tuple[int, ...] = (),
     ) -> None:
         super().__init__(rows, 1, reduction, compute_sensitivity, terms, gram, max_points_per_sample, seed)
         self.transpose_input = transpose_input
+        self.input_axes = tuple(input_axes)
 
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
         """`token_mask [B, T]` (non-zero = real token) drops padding tokens of a `[B, T, K]` input
@@ -303,6 +306,8 @@ class DenseAccumulator(_Accumulator):
         if self.transpose_input:
             x = x.T
         k = self.rows.shape[1]
+        if self.input_axes:
+            x = _points_last(x, self.input_axes, k)
         if x.shape[-1] != k:
             raise ValueError(f"layer input has {x.shape[-1]} features, the weight expects {k}")
         if x.ndim == 1:
@@ -319,6 +324,17 @@ class DenseAccumulator(_Accumulator):
             return
         samples = x.reshape(x.shape[0], -1, k)  # [B, T, K]
         self._accumulate(samples.transpose(0, 2, 1)[:, None], valid)  # [B, 1, K, T]
+
+
+def _points_last(x: np.ndarray, axes: tuple[int, ...], k: int) -> np.ndarray:
+    """`x` with `axes` moved last (in that order) and flattened into one axis of `k` entries."""
+    if x.ndim < len(axes) or any(not -x.ndim <= a < x.ndim for a in axes):
+        raise ValueError(f"layer input of shape {x.shape} has no axes {list(axes)}")
+    x = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
+    lead = x.shape[: x.ndim - len(axes)]
+    if prod(x.shape[x.ndim - len(axes) :]) != k:
+        raise ValueError(f"layer input axes {list(axes)} of {x.shape} do not hold the weight's {k} inputs")
+    return x.reshape(*lead, k)
 
 
 class ConvAccumulator(_Accumulator):
