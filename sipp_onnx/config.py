@@ -99,7 +99,7 @@ class Provider(StrEnum):
     CUDA = "cuda"
 
 
-PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
+PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv", "ConvTranspose")
 
 
 def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:

@@ -1,10 +1,10 @@
 """Find the prunable layers of an ONNX graph.
 
-A layer is a Gemm, MatMul or Conv node of the top-level graph whose weight operand is constant:
-an initializer that no caller can override, or the output of a `Constant` node. A weight is
+A layer is a Gemm, MatMul, Conv or ConvTranspose node of the top-level graph whose weight operand
+is constant: an initializer that no caller can override, or the output of a `Constant` node. A weight is
 pruned only when every consumer is such a layer using it as its weight; anything else that reads
 it (another op, a subgraph, a graph output, an excluded layer) would silently change, so the
-weight is skipped with that reason. Every Gemm/MatMul/Conv that is not pruned is reported with
+weight is skipped with that reason. Every such node that is not pruned is reported with
 the reason, including nodes inside If/Loop/Scan subgraphs.
 """
 
@@ -26,6 +26,7 @@ from .layers import (
     BiasSlot,
     ChainStep,
     ConvGeometry,
+    ConvTransposeGeometry,
     Discovery,
     Layer,
     PrunableWeight,
@@ -49,7 +50,7 @@ def discover(
     op_types: Iterable[str] = PRUNABLE_OP_TYPES,
     exclude: Iterable[str] = (),
 ) -> Discovery:
-    """Walk the top-level graph and classify every Gemm/MatMul/Conv node."""
+    """Walk the top-level graph and classify every Gemm/MatMul/Conv/ConvTranspose node."""
     try:
         with _quiet_graphsurgeon():
             graph = gs.import_onnx(model)
@@ -154,7 +155,7 @@ def _layer_of(
     protos: dict[str, onnx.TensorProto],
     chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
 ) -> Layer:
-    """The Layer for a Gemm/MatMul/Conv node, or raise `_Rejected` with the reason.
+    """The Layer for a Gemm/MatMul/Conv/ConvTranspose node, or raise `_Rejected` with the reason.
 
     A weight computed from a constant by followed ops is recorded in `chains`."""
     if len(node.inputs) < 2 or not node.inputs[0].name or not node.inputs[1].name:
@@ -205,6 +206,8 @@ def _layer_of(
             layout,
             transpose_input=bool(int(node.attrs.get("transA", 0))),
         )
+    if node.op == "ConvTranspose":
+        return _conv_transpose_layer(node, node_id, weight.name, act.name, shape)
     return _conv_layer(node, node_id, weight.name, act.name, shape)
 
 
@@ -363,6 +366,35 @@ def _dequantize_step(
 def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple[int, ...]) -> Layer:
     if not 3 <= len(shape) <= 5:
         raise _Rejected(f"Conv weight of rank {len(shape)} (1-D to 3-D convolutions are supported)")
+    geom = _conv_geometry(node, shape, "output")
+    return Layer(node_id, "Conv", weight, act, shape, WeightLayout.CONV, conv=geom)
+
+
+def _conv_transpose_layer(
+    node: gs.Node, node_id: str, weight: str, act: str, shape: tuple[int, ...]
+) -> Layer:
+    """A ConvTranspose: weight `[C_in, C_out/G, k...]`, rows per output channel (CONV_TRANSPOSE)."""
+    if not 3 <= len(shape) <= 5:
+        raise _Rejected(f"ConvTranspose weight of rank {len(shape)} (1-D to 3-D convolutions are supported)")
+    geom = _conv_geometry(node, shape, "input")
+    n = geom.spatial_rank
+    if min(geom.strides) < 1 or min(geom.dilations) < 1:
+        raise _Rejected(f"strides {list(geom.strides)} / dilations {list(geom.dilations)} below 1")
+    adjust = tuple(int(a) for a in node.attrs.get("output_padding", (0,) * n))
+    out_shape = tuple(int(o) for o in node.attrs.get("output_shape", ()))
+    if len(adjust) != n:
+        raise _Rejected(f"output_padding {list(adjust)} does not match the kernel rank {n}")
+    if any(a < 0 for a in adjust):
+        raise _Rejected(f"negative output_padding {list(adjust)}")
+    if out_shape and (len(out_shape) not in (n, n + 2) or min(out_shape[-n:]) < 1):
+        raise _Rejected(f"output_shape {list(out_shape)} does not fit {n} spatial axes")
+    geom = ConvTransposeGeometry(**vars(geom), output_padding=adjust, output_shape=out_shape)
+    return Layer(node_id, "ConvTranspose", weight, act, shape, WeightLayout.CONV_TRANSPOSE, conv=geom)
+
+
+def _conv_geometry(node: gs.Node, shape: tuple[int, ...], channels: str) -> ConvGeometry:
+    """The attributes Conv and ConvTranspose share, checked against the weight (whose first
+    axis, the `channels` ones, the groups split)."""
     n = len(shape) - 2
     attrs = node.attrs
     kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))
@@ -370,7 +402,7 @@ def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple
         raise _Rejected(f"kernel_shape {list(kernel)} does not match the weight {list(shape)}")
     group = int(attrs.get("group", 1))
     if group < 1 or shape[0] % group:
-        raise _Rejected(f"group={group} does not divide the {shape[0]} output channels")
+        raise _Rejected(f"group={group} does not divide the {shape[0]} {channels} channels")
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
@@ -386,7 +418,7 @@ def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple
     )
     if len(geom.strides) != n or len(geom.dilations) != n or len(geom.pads) != 2 * n:
         raise _Rejected("strides/dilations/pads do not match the kernel rank")
-    return Layer(node_id, "Conv", weight, act, shape, WeightLayout.CONV, conv=geom)
+    return geom
 
 
 def _bias_slot(
@@ -477,7 +509,7 @@ def _sharing_problem(
 
 
 def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCandidate]:
-    """Gemm/MatMul/Conv nodes inside If/Loop/Scan bodies (not pruned yet), recursively."""
+    """Gemm/MatMul/Conv/ConvTranspose nodes inside If/Loop/Scan bodies (not pruned yet), recursively."""
     found: list[SkippedCandidate] = []
 
     def walk(g: gs.Graph, owner: str) -> None:
