@@ -254,7 +254,7 @@ def _check_weight(
     problem = pattern_problem(layer.fan_in, layer.kernel_size, pattern)
     if problem:
         return replace(check, reason=problem)
-    counts = group_counts(to_rows(values, layer.layout), layer.kernel_size, pattern.m)
+    counts = group_counts(to_rows(values, layer.layout, groups=layer.groups), layer.kernel_size, pattern.m)
     bad = counts > pattern.n
     violating = int(np.count_nonzero(bad))
     first = None

@@ -99,7 +99,16 @@ class Provider(StrEnum):
     CUDA = "cuda"
 
 
-PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv", "Einsum", "LSTM", "GRU", "RNN")
+PRUNABLE_OP_TYPES: tuple[str, ...] = (
+    "Gemm",
+    "MatMul",
+    "Conv",
+    "ConvTranspose",
+    "Einsum",
+    "LSTM",
+    "GRU",
+    "RNN",
+)
 RECURRENT_OP_TYPES: tuple[str, ...] = ("LSTM", "GRU", "RNN")
 
 

@@ -1,6 +1,7 @@
 """Find the prunable layers of an ONNX graph.
 
-A layer is a Gemm, MatMul or Conv node of the top-level graph whose weight operand is constant:
+A layer is a Gemm, MatMul, Conv or ConvTranspose node of the top-level graph whose weight operand
+is constant:
 an initializer that no caller can override, or the output of a `Constant` node; or an Einsum
 with one such operand whose equation is a MatMul in disguise (see `einsum`); or the W or R of
 an LSTM/GRU/RNN (see `recurrent`). A weight is
@@ -29,6 +30,7 @@ from .layers import (
     BiasSlot,
     ChainStep,
     ConvGeometry,
+    ConvTransposeGeometry,
     Discovery,
     Layer,
     PrunableWeight,
@@ -183,7 +185,7 @@ def _layer_of(
     chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
     einsums: dict[str, DenseEinsum],
 ) -> Layer:
-    """The Layer for a Gemm/MatMul/Conv/Einsum node, or raise `_Rejected` with the reason.
+    """The Layer for a Gemm/MatMul/Conv/ConvTranspose/Einsum node, or `_Rejected` with the reason.
 
     A weight computed from a constant by followed ops is recorded in `chains`, how an Einsum
     reads its weight in `einsums`."""
@@ -230,6 +232,8 @@ def _layer_of(
             layout,
             transpose_input=bool(int(node.attrs.get("transA", 0))),
         )
+    if node.op == "ConvTranspose":
+        return _conv_transpose_layer(node, node_id, weight.name, act.name, shape)
     return _conv_layer(node, node_id, weight.name, act.name, shape)
 
 
@@ -528,6 +532,35 @@ def _dequantize_step(
 def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple[int, ...]) -> Layer:
     if not 3 <= len(shape) <= 5:
         raise _Rejected(f"Conv weight of rank {len(shape)} (1-D to 3-D convolutions are supported)")
+    geom = _conv_geometry(node, shape, "output")
+    return Layer(node_id, "Conv", weight, act, shape, WeightLayout.CONV, conv=geom)
+
+
+def _conv_transpose_layer(
+    node: gs.Node, node_id: str, weight: str, act: str, shape: tuple[int, ...]
+) -> Layer:
+    """A ConvTranspose: weight `[C_in, C_out/G, k...]`, rows per output channel (CONV_TRANSPOSE)."""
+    if not 3 <= len(shape) <= 5:
+        raise _Rejected(f"ConvTranspose weight of rank {len(shape)} (1-D to 3-D convolutions are supported)")
+    geom = _conv_geometry(node, shape, "input")
+    n = geom.spatial_rank
+    if min(geom.strides) < 1 or min(geom.dilations) < 1:
+        raise _Rejected(f"strides {list(geom.strides)} / dilations {list(geom.dilations)} below 1")
+    adjust = tuple(int(a) for a in node.attrs.get("output_padding", (0,) * n))
+    out_shape = tuple(int(o) for o in node.attrs.get("output_shape", ()))
+    if len(adjust) != n:
+        raise _Rejected(f"output_padding {list(adjust)} does not match the kernel rank {n}")
+    if any(a < 0 for a in adjust):
+        raise _Rejected(f"negative output_padding {list(adjust)}")
+    if out_shape and (len(out_shape) not in (n, n + 2) or min(out_shape[-n:]) < 1):
+        raise _Rejected(f"output_shape {list(out_shape)} does not fit {n} spatial axes")
+    geom = ConvTransposeGeometry(**vars(geom), output_padding=adjust, output_shape=out_shape)
+    return Layer(node_id, "ConvTranspose", weight, act, shape, WeightLayout.CONV_TRANSPOSE, conv=geom)
+
+
+def _conv_geometry(node: gs.Node, shape: tuple[int, ...], channels: str) -> ConvGeometry:
+    """The attributes Conv and ConvTranspose share, checked against the weight (whose first
+    axis, the `channels` ones, the groups split)."""
     n = len(shape) - 2
     attrs = node.attrs
     kernel = tuple(int(k) for k in attrs.get("kernel_shape", shape[2:]))
@@ -535,7 +568,7 @@ def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple
         raise _Rejected(f"kernel_shape {list(kernel)} does not match the weight {list(shape)}")
     group = int(attrs.get("group", 1))
     if group < 1 or shape[0] % group:
-        raise _Rejected(f"group={group} does not divide the {shape[0]} output channels")
+        raise _Rejected(f"group={group} does not divide the {shape[0]} {channels} channels")
     auto_pad = attrs.get("auto_pad", "NOTSET")
     if isinstance(auto_pad, bytes):
         auto_pad = auto_pad.decode()
@@ -551,7 +584,7 @@ def _conv_layer(node: gs.Node, node_id: str, weight: str, act: str, shape: tuple
     )
     if len(geom.strides) != n or len(geom.dilations) != n or len(geom.pads) != 2 * n:
         raise _Rejected("strides/dilations/pads do not match the kernel rank")
-    return Layer(node_id, "Conv", weight, act, shape, WeightLayout.CONV, conv=geom)
+    return geom
 
 
 def _bias_slot(
@@ -701,7 +734,7 @@ def _sharing_problem(
 
 
 def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCandidate]:
-    """Gemm/MatMul/Conv nodes inside If/Loop/Scan bodies (not pruned yet), recursively."""
+    """Gemm/MatMul/Conv/ConvTranspose nodes inside If/Loop/Scan bodies (not pruned yet), recursively."""
     found: list[SkippedCandidate] = []
 
     def walk(g: gs.Graph, owner: str) -> None:

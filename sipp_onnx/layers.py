@@ -8,6 +8,9 @@ output neuron i (spec section 1). The stored tensor's layout decides how to get 
 - CONV:    stored `[C_out, C_in/g, k1, ..., kn]`  (row i = W[i] flattened in (c, k...) order)
 - STACKED: stored `[..., N, K]`                   (LSTM/GRU/RNN `[dirs, gates*hidden, K]`: the
                                                    rows of every direction, one after another)
+- CONV_TRANSPOSE: stored `[C_in, C_out/g, k1, ..., kn]`: output channel `o = g * C_out/g + j` of
+  group g reads `W[c, j]` for the input channels c of group g, so its row is `W[group g, j]`
+  flattened in (c, k...) order: the same row order as CONV, and it needs the group count.
 
 This module imports numpy only, so the maths modules can use it without onnx.
 """
@@ -26,6 +29,7 @@ class WeightLayout(StrEnum):
     COLUMNS = "columns"
     CONV = "conv"
     STACKED = "stacked"
+    CONV_TRANSPOSE = "conv_transpose"
 
 
 @dataclass(frozen=True)
@@ -76,9 +80,18 @@ class RecurrentGeometry:
     name_output: bool = False
     """R only: the op's Y output is unnamed (unused), so the calibration copy names it."""
 
-    def h0_axes(self) -> tuple[int, int]:
-        """(direction axis, batch axis) of `initial_h`."""
-        return (0, 1) if self.layout == 0 else (1, 0)
+
+@dataclass(frozen=True)
+class ConvTransposeGeometry(ConvGeometry):
+    """Attributes of a ConvTranspose node (ONNX semantics; `patches.transpose_pads` resolves
+    them as ONNX Runtime does).
+
+    `output_shape`, when given, fixes the output size and the pads are derived from it;
+    `output_padding` adds positions at the end of each axis.
+    """
+
+    output_padding: tuple[int, ...] = ()
+    output_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,9 @@ class BiasSlot:
 
 @dataclass(frozen=True)
 class Layer:
-    """One use of a constant weight by a Gemm, MatMul, Conv, Einsum or recurrent (LSTM/GRU/RNN)
-    node. A recurrent node has two layers, W and R, named `<node>/W` and `<node>/R`."""
+    """One use of a constant weight by a Gemm, MatMul, Conv, ConvTranspose, Einsum or recurrent
+    (LSTM/GRU/RNN) node. A recurrent node has two layers, W and R, named `<node>/W` and
+    `<node>/R`."""
 
     node: str
     """Unique node identifier: the node name, or `<op>#<index>` when it is empty or repeated."""
@@ -142,6 +156,8 @@ class Layer:
             return self.weight_shape[1]
         if self.layout is WeightLayout.STACKED:
             return prod(self.weight_shape[:-1])
+        if self.layout is WeightLayout.CONV_TRANSPOSE:
+            return self.weight_shape[1] * self.groups
         return self.weight_shape[0]
 
     @property
@@ -151,12 +167,15 @@ class Layer:
             return self.weight_shape[0]
         if self.layout is WeightLayout.STACKED:
             return self.weight_shape[-1]
+        if self.layout is WeightLayout.CONV_TRANSPOSE:
+            return self.weight_shape[0] // self.groups * prod(self.weight_shape[2:])
         return prod(self.weight_shape[1:])
 
     @property
     def groups(self) -> int:
-        """Row groups with their own input points: a grouped Conv's groups, a recurrent R's
-        directions (each reads its own direction's hidden state), else 1."""
+        """Row groups with their own input points: a grouped Conv's (or ConvTranspose's) groups,
+        which `to_rows` also needs; a recurrent R's directions (each reads its own direction's
+        hidden state); else 1."""
         if self.conv is not None:
             return self.conv.group
         if self.recurrent is not None and self.recurrent.hidden:
@@ -165,7 +184,7 @@ class Layer:
 
     @property
     def kernel_size(self) -> int:
-        """`kh*kw*...` for Conv, 1 for Gemm/MatMul (K_layer of spec section 4)."""
+        """`kh*kw*...` for Conv/ConvTranspose, 1 for Gemm/MatMul (K_layer of spec section 4)."""
         return prod(self.conv.kernel_shape) if self.conv is not None else 1
 
 
@@ -235,7 +254,7 @@ class PrunableWeight:
 
 @dataclass(frozen=True)
 class SkippedCandidate:
-    """A Gemm/MatMul/Conv/Einsum node, or a weight, that is not pruned, and why."""
+    """A candidate node (`config.PRUNABLE_OP_TYPES`), or a weight, that is not pruned, and why."""
 
     node: str
     op_type: str
@@ -255,21 +274,32 @@ class Discovery:
         return tuple(layer for w in self.weights for layer in w.layers)
 
 
-def to_rows(weight: np.ndarray, layout: WeightLayout) -> np.ndarray:
-    """Stored weight -> canonical `[N_out, K]` rows (a view where possible)."""
+def to_rows(weight: np.ndarray, layout: WeightLayout, groups: int = 1) -> np.ndarray:
+    """Stored weight -> canonical `[N_out, K]` rows (a view where possible; a copy for
+    CONV_TRANSPOSE). `groups`: the group count, which only CONV_TRANSPOSE needs."""
     if layout is WeightLayout.ROWS:
         return weight
     if layout is WeightLayout.COLUMNS:
         return weight.T
     if layout is WeightLayout.STACKED:
         return weight.reshape(-1, weight.shape[-1])
+    if layout is WeightLayout.CONV_TRANSPOSE:
+        c_in, per_group, *kernel = weight.shape
+        grouped = weight.reshape(groups, c_in // groups, per_group, *kernel)
+        order = (0, 2, 1, *range(3, 3 + len(kernel)))  # [G, C_out/G, C_in/G, k...]
+        return grouped.transpose(order).reshape(groups * per_group, -1)  # a copy unless broadcast
     return weight.reshape(weight.shape[0], -1)
 
 
-def from_rows(rows: np.ndarray, layout: WeightLayout, shape: tuple[int, ...]) -> np.ndarray:
-    """Canonical rows -> stored layout `shape` (inverse of `to_rows`)."""
+def from_rows(rows: np.ndarray, layout: WeightLayout, shape: tuple[int, ...], groups: int = 1) -> np.ndarray:
+    """Canonical rows -> stored layout `shape` (inverse of `to_rows` with the same `groups`)."""
     if layout is WeightLayout.ROWS:
         return rows.reshape(shape)
     if layout is WeightLayout.COLUMNS:
         return np.ascontiguousarray(rows.T).reshape(shape)
+    if layout is WeightLayout.CONV_TRANSPOSE:
+        c_in, per_group, *kernel = shape
+        grouped = rows.reshape(groups, per_group, c_in // groups, *kernel)
+        order = (0, 2, 1, *range(3, 3 + len(kernel)))  # back to [G, C_in/G, C_out/G, k...]
+        return np.ascontiguousarray(grouped.transpose(order)).reshape(shape)
     return rows.reshape(shape)

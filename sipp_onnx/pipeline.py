@@ -124,7 +124,7 @@ def _accumulator(
     initial_h: np.ndarray | None = None,
 ) -> LayerAccumulator:
     """The accumulator of one layer; `initial_h`: a recurrent R's constant initial state."""
-    rows = to_rows(weight, layer.layout)
+    rows = to_rows(weight, layer.layout, groups=layer.groups)
     reduction, terms, seed = config.reduction.value, config.terms.value, config.seed
     cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
     if layer.conv is not None:
@@ -187,10 +187,10 @@ def _merge(weight: PrunableWeight, stats: Mapping[str, LayerStatistics], attr: s
         # Kept in the accumulator's dtype: float32 sensitivities as float64 would be 8 bytes per
         # weight of the model more, and the max of float32 values is exact.
         value = np.asarray(getattr(stats[layer.node], attr))
-        stored = from_rows(np.ascontiguousarray(value), layer.layout, weight.shape)
+        stored = from_rows(np.ascontiguousarray(value), layer.layout, weight.shape, groups=layer.groups)
         merged = stored if merged is None else np.maximum(merged, stored)
     assert merged is not None
-    return to_rows(merged, weight.primary.layout)
+    return to_rows(merged, weight.primary.layout, groups=weight.primary.groups)
 
 
 def outputs_match(
@@ -481,7 +481,7 @@ def apply(
                 sel.rows is not score.rows and not np.array_equal(sel.rows, score.rows)
             )
             if changed:  # untouched tensors keep their bytes
-                values = from_rows(sel.rows, w.primary.layout, w.shape)
+                values = from_rows(sel.rows, w.primary.layout, w.shape, groups=w.primary.groups)
                 if staged is not None and w.stored_name in prepared.external:
                     write_weight(w, protos, values, prepared.base_dir, staged.put)
                 else:
@@ -632,7 +632,7 @@ def _calibrate(
             layer = w.primary
             if not _pairable(w):
                 continue
-            n, k = to_rows(np.broadcast_to(np.float32(0), w.shape), layer.layout).shape
+            n, k = to_rows(np.broadcast_to(np.float32(0), w.shape), layer.layout, groups=layer.groups).shape
             rows = np.broadcast_to(np.float32(0), (n, 2 * k))
             seed, terms = config.seed, config.terms.value
             pair: DenseAccumulator | ConvAccumulator
@@ -775,7 +775,12 @@ def _sequential(
                     proto, protos, w, score, sel, stats, config.refit, prepared.base_dir, target=target
                 )
             scores[i], selected[i] = score, sel
-            write_weight(w, protos, from_rows(sel.rows, w.primary.layout, w.shape), prepared.base_dir)
+            write_weight(
+                w,
+                protos,
+                from_rows(sel.rows, w.primary.layout, w.shape, groups=w.primary.groups),
+                prepared.base_dir,
+            )
         if progress is not None:
             progress("sequential", n + 1, len(stages))
     return refits
@@ -873,7 +878,7 @@ def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, Laye
     """Selection inputs of one weight: its rows and its statistics merged over its uses."""
     primary = stats.get(weight.primary.node)
     return WeightScores(
-        rows=to_rows(values, weight.primary.layout),
+        rows=to_rows(values, weight.primary.layout, groups=weight.primary.groups),
         sensitivity=_merge(weight, stats, "sensitivity")
         if primary and primary.sensitivity is not None
         else None,

@@ -25,9 +25,16 @@ from math import prod
 
 import numpy as np
 
-from .layers import ConvGeometry
+from .layers import ConvGeometry, ConvTransposeGeometry
 from .maxtimes import max_times_points
-from .patches import conv_patches, output_spatial, patch_sqnorm
+from .patches import (
+    conv_patches,
+    conv_transpose_patches,
+    conv_transpose_sqnorm,
+    output_spatial,
+    patch_sqnorm,
+    transposed_output_spatial,
+)
 
 EPS32 = np.float32(1.1920929e-07)
 _CHUNK_ELEMENTS = 1 << 23  # ~32 MB of float32 temporaries in the per-sample mean reduction
@@ -338,7 +345,12 @@ def _points_last(x: np.ndarray, axes: tuple[int, ...], k: int) -> np.ndarray:
 
 
 class ConvAccumulator(_Accumulator):
-    """Conv: the points are the (sample, output position) patches of each group."""
+    """Conv: the points are the (sample, output position) patches of each group.
+
+    With a `ConvTransposeGeometry` the layer is a ConvTranspose: its points are the patches of
+    the Conv it equals (`patches.conv_transpose_patches`), in the rows' (c, k...) order, so
+    everything downstream (sensitivities, Gram matrices, Wanda, N:M) is the Conv path.
+    """
 
     def __init__(
         self,
@@ -356,6 +368,21 @@ class ConvAccumulator(_Accumulator):
         )
         self.geom = geom
 
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(self.geom, ConvTransposeGeometry):
+            return conv_transpose_patches(x, self.geom)
+        return conv_patches(x, self.geom)
+
+    def _patch_sqnorm(self, x: np.ndarray) -> np.ndarray:
+        if isinstance(self.geom, ConvTransposeGeometry):
+            return conv_transpose_sqnorm(x, self.geom)
+        return patch_sqnorm(x, self.geom)
+
+    def _positions(self, spatial: tuple[int, ...]) -> int:
+        if isinstance(self.geom, ConvTransposeGeometry):
+            return prod(transposed_output_spatial(self.geom, spatial))
+        return prod(output_spatial(self.geom, spatial))
+
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
         """`token_mask` is accepted for a uniform interface; conv inputs have no tokens.
 
@@ -366,13 +393,13 @@ class ConvAccumulator(_Accumulator):
         channels = self.geom.group * self.rows.shape[1] // prod(self.geom.kernel_shape)
         if x.ndim < 2 or x.shape[1] != channels:
             raise ValueError(f"conv input of shape {x.shape}, the weight expects {channels} channels")
-        self._sqnorm += patch_sqnorm(x, self.geom)
+        self._sqnorm += self._patch_sqnorm(x)
         if self.compute_sensitivity or self._gram is not None:
             # An all-zero sample adds 0 to every absolute-terms statistic, so with no negative
             # input the patches go in as they are: no content or sign scan over the patches.
             nonnegative = self.terms == "absolute" and x.size > 0 and float(x.min()) >= 0
-            self._accumulate(conv_patches(x, self.geom), sqnorm=False, nonnegative=nonnegative)
+            self._accumulate(self._patches(x), sqnorm=False, nonnegative=nonnegative)
             return
-        positions = prod(output_spatial(self.geom, tuple(x.shape[2:])))
+        positions = self._positions(tuple(x.shape[2:]))
         self.points += x.shape[0] * positions
         self.patches_per_sample = positions
