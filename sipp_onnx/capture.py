@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -49,6 +49,8 @@ class CaptureResult:
     """Time spent in the accumulators."""
     session_seconds: float = 0.0
     """Time ONNX Runtime took to load the capture model."""
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    """The calibration data's batch axis per input (None: a constant), to slice `first_feed`."""
 
 
 def capture(
@@ -126,10 +128,12 @@ def capture(
         del values
         stats_s += time.perf_counter() - t1
         run_s += t1 - t0
-        samples += next(iter(feed.values())).shape[0]
+        samples += data.count(feed)
         if progress is not None:
             progress("capture", index + 1, total)
-    return CaptureResult(used, samples, total, first_feed, first_outputs, run_s, stats_s, session_s)
+    return CaptureResult(
+        used, samples, total, first_feed, first_outputs, run_s, stats_s, session_s, dict(data.axes)
+    )
 
 
 def _session(

@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .calibration import open_calibration
+from .calibration import describe_layout, open_calibration
 from .checking import check_pattern
 from .config import (
     PRUNABLE_OP_TYPES,
@@ -36,6 +36,7 @@ from .config import (
     Reduction,
     Refit,
     Terms,
+    batch_axis_items,
 )
 from .errors import ConfigError, OutputError, SippError
 from .evaluate import EvalReport, evaluate
@@ -156,6 +157,13 @@ def _enum_option(flag: str, enum: type[StrEnum], default: StrEnum, help: str) ->
     )
 
 
+_BATCH_AXIS_HELP = (
+    "The axis of calibration input NAME that counts samples, or NAME=none for a constant fed whole "
+    "with every batch (repeatable). Default: inferred from the model's input shapes (axis 0, the "
+    "batch axis of a state such as [2, batch, 128]; a fully fixed input given at exactly its shape "
+    "is a constant)."
+)
+
 _MEASURE_OPTIONS = (
     _enum_option(
         "--reduction",
@@ -224,6 +232,13 @@ _MEASURE_OPTIONS = (
         default=PruneConfig.batch_size,
         show_default=True,
         help="Samples per ONNX Runtime run.",
+    ),
+    click.option(
+        "--batch-axis",
+        "batch_axes",
+        multiple=True,
+        metavar="NAME=AXIS",
+        help=_BATCH_AXIS_HELP,
     ),
     click.option(
         "--provider",
@@ -454,6 +469,7 @@ def prune(
             if report.recommended_samples:
                 calib += f" (recommended >= {report.recommended_samples})"
             click.echo(f"provider: {report.provider}; {calib}")
+        _echo_layout(report.batch_axes)
         for check in report.verification:
             click.echo(
                 f"output {check.output!r}: relative L2 error {check.rel_l2_error:.4g}, "
@@ -497,6 +513,7 @@ def _prune_structured(
         channel_multiple=multiple,
         max_samples=measure["max_samples"],
         batch_size=measure["batch_size"],
+        batch_axes=measure["batch_axes"],
         max_points=measure["max_points"],
         provider=Provider(measure["provider"]),
         mask_input=measure["mask_input"],
@@ -520,6 +537,7 @@ def _prune_structured(
     for line in report.summary():
         click.echo(line)
     click.echo(f"provider: {report.provider}; {report.samples} calibration samples")
+    _echo_layout(report.batch_axes)
     for check in report.verification:
         click.echo(
             f"output {check.output!r}: relative L2 error {check.rel_l2_error:.4g}, "
@@ -529,6 +547,12 @@ def _prune_structured(
     if report.size_before is not None:
         click.echo(describe_sizes(report.size_before, report.size_after))
     click.echo(f"wrote {result.output}")
+
+
+def _echo_layout(batch_axes: dict[str, int | None]) -> None:
+    """One line per calibration input not batched on axis 0 (inferred or --batch-axis)."""
+    for line in describe_layout(batch_axes):
+        click.echo(line)
 
 
 def _check_report_path(model: Path, out: Path, report_path: Path | None, overwrite: bool) -> None:
@@ -652,6 +676,7 @@ def check_command(model: Path, pattern: Pattern, as_json: bool) -> None:
     help="Exit with status 3 when the accuracy drop exceeds this many points.",
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--batch-axis", "batch_axes", multiple=True, metavar="NAME=AXIS", help=_BATCH_AXIS_HELP)
 @click.option("--provider", type=click.Choice([p.value for p in Provider]), default="auto", show_default=True)
 @click.option(
     "--latency",
@@ -668,6 +693,7 @@ def eval_command(
     output_name: str | None,
     max_drop: float | None,
     batch_size: int,
+    batch_axes: tuple[str, ...],
     provider: str,
     latency: bool,
     as_json: bool,
@@ -681,9 +707,12 @@ def eval_command(
             raise ConfigError("--max-drop needs --compare PRUNED")
         if latency and compare is None:
             raise ConfigError("--latency needs --compare PRUNED")
-        report = evaluate(model, data, compare, labels_key, output_name, batch_size, Provider(provider))
+        axes = dict(batch_axis_items(batch_axes))
+        report = evaluate(
+            model, data, compare, labels_key, output_name, batch_size, Provider(provider), batch_axes=axes
+        )
         if latency and compare is not None:
-            report = dataclasses.replace(report, latency=_eval_latency(model, data, compare))
+            report = dataclasses.replace(report, latency=_eval_latency(model, data, compare, axes))
         if max_drop is not None and report.compare is not None and report.compare.accuracy_drop is None:
             raise ConfigError(f"--max-drop needs labels, and DATA has no {labels_key!r} array")
         if as_json:
@@ -700,13 +729,16 @@ def eval_command(
     sys.exit(code)
 
 
-def _eval_latency(model: Path, data: Path, compare: Path) -> dict[str, Any]:
+def _eval_latency(
+    model: Path, data: Path, compare: Path, batch_axes: dict[str, int | None]
+) -> dict[str, Any]:
     """Latency of MODEL and the compared model, fed from DATA's first samples."""
     specs = model_inputs(load_model(model))
     with np.load(data, allow_pickle=False) as npz:
-        arrays = {spec.name: npz[spec.name][:32] for spec in specs if spec.name in npz.files}
-    sample = next(open_calibration(arrays, specs, 32).batches(32))
-    before, after = compare_latency(model, compare, sample, (1, 32), base_dir=model.parent)
+        arrays = {spec.name: npz[spec.name] for spec in specs if spec.name in npz.files}
+    calib = open_calibration(arrays, specs, 32, batch_axes)
+    sample = next(calib.batches(32))
+    before, after = compare_latency(model, compare, sample, (1, 32), base_dir=model.parent, axes=calib.axes)
     return {
         "batch": [b.batch for b in before],
         "model_seconds": [b.seconds for b in before],

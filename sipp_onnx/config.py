@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -123,6 +123,41 @@ def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:
     return out
 
 
+BatchAxisItems = tuple[tuple[str, int | None], ...]
+
+
+def parse_batch_axis(text: str) -> tuple[str, int | None]:
+    """`NAME=AXIS` or `NAME=none` (a constant input) -> (name, axis); ConfigError otherwise."""
+    name, sep, value = text.rpartition("=")
+    value = value.strip()
+    if not sep or not name.strip():
+        raise ConfigError(f"batch axis {text!r} must be NAME=AXIS or NAME=none")
+    if value.lower() == "none":
+        return name.strip(), None
+    try:
+        return name.strip(), int(value)
+    except ValueError:
+        raise ConfigError(f"batch axis {text!r} must be NAME=AXIS (an integer) or NAME=none") from None
+
+
+def batch_axis_items(
+    value: Mapping[str, int | None] | Iterable[str | tuple[str, int | None]],
+) -> BatchAxisItems:
+    """Batch-axis overrides as a hashable tuple of (input, axis or None), from a mapping, from
+    `NAME=AXIS` strings or from pairs. The model's inputs and ranks are checked when the
+    calibration data is opened (`calibration.check_batch_axes`)."""
+    pairs = value.items() if isinstance(value, Mapping) else value
+    out: dict[str, int | None] = {}
+    for item in pairs:
+        name, axis = parse_batch_axis(item) if isinstance(item, str) else item
+        if name in out and out[name] != axis:
+            raise ConfigError(f"batch axis for {name!r} given twice ({out[name]} and {axis})")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
+            raise ConfigError(f"batch axis for {name!r} must be an integer or None, got {axis!r}")
+        out[name] = axis
+    return tuple(out.items())
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything that decides the result of `prune_model`.
@@ -162,6 +197,10 @@ class PruneConfig:
     batch contributes a random subset of its positions (the same number per sample). The Gram
     matrices, norms and the mean/expected reductions always use every point. None: all."""
     batch_size: int = 32
+    batch_axes: BatchAxisItems = ()
+    """Overrides of the calibration inputs' inferred batch axes: (input, axis) pairs, or
+    (input, None) for a constant fed whole with every batch. A mapping or `NAME=AXIS` strings
+    are accepted too (see calibration.resolve_batch_axes)."""
     provider: Provider = Provider.AUTO
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = PRUNABLE_OP_TYPES
@@ -214,6 +253,7 @@ class PruneConfig:
         if not isinstance(self.mask_input, str) or not self.mask_input:
             raise ConfigError(f"mask_input must be 'auto', 'none' or an input name, got {self.mask_input!r}")
         object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
+        object.__setattr__(self, "batch_axes", batch_axis_items(self.batch_axes))
         ops = tuple(self.op_types)
         unknown = [op for op in ops if op not in PRUNABLE_OP_TYPES]
         if unknown or not ops:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calibration import open_calibration
+from .calibration import BatchAxes, open_calibration
 from .config import Provider
 from .errors import CalibrationError, ModelError
 from .modelio import load_model, model_inputs
@@ -90,9 +90,19 @@ class _Sums:
         self.err_sq = self.ref_sq = self.cos_sum = 0.0
         self.seen = 0
         self.classifier = True
+        self.axis: int | None = None
+        """The output's sample axis, once a batch has shown it unambiguously."""
 
-    def add(self, ref: np.ndarray, new: np.ndarray | None, labels: np.ndarray | None) -> None:
-        n = ref.shape[0]
+    def add(self, ref: np.ndarray, new: np.ndarray | None, labels: np.ndarray | None, n: int) -> None:
+        """One batch of `n` samples (counted on the inputs' batch axes)."""
+        if new is not None and new.shape != ref.shape:
+            raise ModelError(f"output {self.name!r} shapes differ: {list(ref.shape)} vs {list(new.shape)}")
+        axis = self.axis if self.axis is not None and ref.shape[self.axis] == n else None
+        if axis is None:
+            axis, unique = _sample_axis(self.name, ref, n)
+            self.axis = axis if unique else self.axis
+        ref = np.moveaxis(ref, axis, 0)
+        new = np.moveaxis(new, axis, 0) if new is not None else None
         self.classifier &= ref.ndim == 2
         if labels is not None:
             if not self.classifier:
@@ -103,10 +113,6 @@ class _Sums:
             if new is not None:
                 self.correct[1] += int((new.argmax(axis=1) == labels).sum())
         if new is not None:
-            if new.shape != ref.shape:
-                raise ModelError(
-                    f"output {self.name!r} shapes differ: {list(ref.shape)} vs {list(new.shape)}"
-                )
             self.err_sq += float(((new - ref) ** 2).sum())
             self.ref_sq += float((ref**2).sum())
             a, b = ref.reshape(n, -1), new.reshape(n, -1)
@@ -135,6 +141,19 @@ class _Sums:
         )
 
 
+def _sample_axis(name: str, output: np.ndarray, n: int) -> tuple[int, bool]:
+    """The axis of a model output that holds the batch's `n` samples (a recurrent state
+    `[2, batch, 128]` has them on axis 1), and whether it is the only axis of that size. Of
+    several, axis 0 or else the first; a later batch of another size can tell them apart."""
+    axes = [axis for axis, size in enumerate(output.shape) if size == n]
+    if axes:
+        return (0 if 0 in axes else axes[0]), len(axes) == 1
+    raise ModelError(
+        f"output {name!r} has shape {list(output.shape)}: no axis holds the batch's {n} samples "
+        "(score another output with --output)"
+    )
+
+
 class Reference:
     """A reference model's scored output on evaluation data, computed once and kept, so that many
     pruned models (a sweep) are compared with it without running the reference again. Keeps the
@@ -149,11 +168,13 @@ class Reference:
         batch_size: int = 256,
         provider: Provider = Provider.AUTO,
         base_dir: Path | None = None,
+        batch_axes: BatchAxes | None = None,
     ) -> None:
-        """`base_dir`: where the external tensors of a ModelProto `model` are."""
+        """`base_dir`: where the external tensors of a ModelProto `model` are; `batch_axes`:
+        overrides of the inputs' batch axes (see calibration.py)."""
         proto, source = _session_model(model)
         arrays, self.labels = _read_eval_data(data, labels_key)
-        self.data = open_calibration(arrays, model_inputs(proto))
+        self.data = open_calibration(arrays, model_inputs(proto), batch_axes=batch_axes)
         session, self.provider = make_session(source, provider, base_dir=base_dir)
         self.output = _output_name(session, output)
         self.labels = _check_labels(self.labels, labels_key, self.data.samples)
@@ -161,8 +182,8 @@ class Reference:
         self.outputs: list[np.ndarray] = []
         sums = _Sums(self.output)
         for feed in self.data.batches(batch_size):
-            ref = _run(session, self.output, feed)
-            sums.add(ref, None, self._labels(sums.seen, ref.shape[0]))
+            ref, n = _run(session, self.output, feed), self.data.count(feed)
+            sums.add(ref, None, self._labels(sums.seen, n), n)
             self.outputs.append(ref)
         self.score = sums.score(self.labels is not None)
 
@@ -176,7 +197,8 @@ class Reference:
             raise ModelError(f"the compared model has no output {self.output!r}")
         sums = _Sums(self.output)
         for ref, feed in zip(self.outputs, self.data.batches(self.batch_size), strict=True):
-            sums.add(ref, _run(session, self.output, feed), self._labels(sums.seen, ref.shape[0]))
+            n = self.data.count(feed)
+            sums.add(ref, _run(session, self.output, feed), self._labels(sums.seen, n), n)
         return sums.comparison(self.labels is not None)
 
 
@@ -214,12 +236,15 @@ def evaluate(
     output: str | None = None,
     batch_size: int = 256,
     provider: Provider = Provider.AUTO,
+    batch_axes: BatchAxes | None = None,
 ) -> EvalReport:
     """Accuracy of `model` (and `compare`) on `data`, and the fidelity of `compare` to `model`.
-    Streams: memory holds one batch of outputs, whatever the size of `data`."""
+    Streams: memory holds one batch of outputs, whatever the size of `data`. `data` holds the
+    inputs as calibration data does (batch axes inferred, or overridden by `batch_axes`), and
+    labels `[N]` per sample."""
     proto, source = _session_model(model)
     arrays, labels = _read_eval_data(data, labels_key)
-    calib = open_calibration(arrays, model_inputs(proto))
+    calib = open_calibration(arrays, model_inputs(proto), batch_axes=batch_axes)
     session, used = make_session(source, provider)
     other = None
     if compare is not None:
@@ -232,7 +257,7 @@ def evaluate(
     for feed in calib.batches(batch_size):
         ref = _run(session, name, feed)
         new = _run(other, name, feed) if other is not None else None
-        n = ref.shape[0]
-        sums.add(ref, new, None if labels is None else labels[sums.seen : sums.seen + n])
+        n = calib.count(feed)
+        sums.add(ref, new, None if labels is None else labels[sums.seen : sums.seen + n], n)
     labelled = labels is not None
     return EvalReport(name, sums.score(labelled), sums.comparison(labelled) if other is not None else None)

@@ -258,7 +258,8 @@ def prune_model(
     """Prune `model` with SiPP (or a baseline) and optionally write it to `output`.
 
     `model` is a path or a loaded ModelProto (which is not modified); `calibration` is a path
-    (.npz, .npy, directory) or a mapping input name -> array with samples on the first axis.
+    (.npz, .npy, directory) or a mapping input name -> array with samples on the first axis
+    (or the batch axis inferred or given by `config.batch_axes`; see calibration.py).
     Raises a `SippError` subclass for any problem with the inputs.
     """
     config = config or PruneConfig()
@@ -302,7 +303,7 @@ def prepare(
     if not found.weights:
         raise NoPrunableLayersError(_no_layers_message(found))
     inputs = model_inputs(proto)
-    data = open_calibration(calibration, inputs, config.max_samples)
+    data = open_calibration(calibration, inputs, config.max_samples, dict(config.batch_axes))
     mask_input = resolve_mask_input(inputs, config.mask_input)
     if mask_input is not None and config.mask_input == "auto":
         log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
@@ -1056,6 +1057,7 @@ def _report(
         skipped=list(found.skipped),
         verification=checks,
         unused_calibration_arrays=data.unused_arrays,
+        batch_axes=data.layout,
         warnings=warnings,
         versions={
             "sipp-onnx": __version__,

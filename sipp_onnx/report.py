@@ -124,6 +124,9 @@ class PruneReport:
     skipped: list[SkippedCandidate]
     verification: list[OutputCheck] = field(default_factory=list)
     unused_calibration_arrays: tuple[str, ...] = ()
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    """The calibration inputs whose samples are not on axis 0: their batch axis, or None for a
+    constant fed whole with every batch (inferred or from `--batch-axis`)."""
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     pattern: str = "unstructured"

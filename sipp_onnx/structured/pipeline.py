@@ -22,7 +22,7 @@ import onnxruntime as ort
 from .. import __version__
 from ..calibration import open_calibration
 from ..capture import Accumulator, CaptureResult, capture
-from ..config import Provider, exclude_patterns
+from ..config import BatchAxisItems, Provider, batch_axis_items, exclude_patterns
 from ..errors import ConfigError, ModelError, NoPrunableLayersError
 from ..modelio import (
     check_external_data,
@@ -74,6 +74,8 @@ class StructuredConfig:
     """Kept channel counts are multiples of this (heads and conv groups count whole)."""
     max_samples: int | None = None
     batch_size: int = 32
+    batch_axes: BatchAxisItems = ()
+    """Overrides of the calibration inputs' batch axes, as `PruneConfig.batch_axes`."""
     max_points: int | None = 16384
     provider: Provider = Provider.AUTO
     mask_input: str = "auto"
@@ -102,6 +104,7 @@ class StructuredConfig:
             raise ConfigError(f"latency_runs must be a positive integer, got {self.latency_runs}")
         object.__setattr__(self, "provider", Provider(self.provider))
         object.__setattr__(self, "exclude", exclude_patterns(self.exclude))
+        object.__setattr__(self, "batch_axes", batch_axis_items(self.batch_axes))
 
 
 @dataclass
@@ -217,7 +220,7 @@ def prepare_structured(
     if not any(g.prunable for g in plan.groups):
         raise NoPrunableLayersError(no_groups_message(plan))
     inputs = model_inputs(proto)
-    data = open_calibration(calibration, inputs, config.max_samples)
+    data = open_calibration(calibration, inputs, config.max_samples, dict(config.batch_axes))
     mask_input = resolve_mask_input(inputs, config.mask_input)
     protos = tensor_protos(proto)
     weights = {i: read_tensor(protos[layer.weight], base_dir) for i, layer in enumerate(plan.layers)}
@@ -287,6 +290,7 @@ def apply_structured(
             captured.first_outputs,
             config.channel_multiple,
             base_dir,
+            axes=captured.batch_axes,
         )
         probe.start(allowed)
         for round_ in range(PROBE_ROUNDS + 1):
@@ -345,6 +349,7 @@ def apply_structured(
             batches,
             runs=config.latency_runs,
             base_dir=base_dir,
+            axes=captured.batch_axes,
         )
         timings["latency"] = time.perf_counter() - t5
 
@@ -362,6 +367,7 @@ def apply_structured(
         (before, after),
         (prepared.size_before, files_size(written) if written else None),
         prepared.warnings,
+        {name: axis for name, axis in captured.batch_axes.items() if axis != 0},
     )
     return StructuredResult(pruned, report, out_path, written)
 
@@ -472,6 +478,7 @@ def _report(
     latency: tuple[list[Latency], list[Latency]],
     sizes: tuple[FileSize | None, FileSize | None],
     warnings: list[str],
+    batch_axes: dict[str, int | None] | None = None,
 ) -> StructuredReport:
     dense = plan.all_kept()
     groups = []
@@ -523,5 +530,6 @@ def _report(
         size_before=sizes[0],
         size_after=sizes[1],
         warnings=warnings,
+        batch_axes=batch_axes or {},
         versions={"sipp-onnx": __version__, "onnx": onnx.__version__, "onnxruntime": ort.__version__},
     )

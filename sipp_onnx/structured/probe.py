@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..calibration import BatchAxes, count_samples, take_samples
 from ..config import Provider
 from ..runtime import make_session
 from .compensate import Compensation
@@ -76,12 +77,23 @@ class Probe:
         multiple: int,
         base_dir: Path | None = None,
         samples: int = 8,
+        axes: BatchAxes | None = None,
     ) -> None:
+        """`axes`: the feed's batch axis per input (see calibration.py; default axis 0)."""
         self.proto, self.plan, self.scores = proto, plan, scores.astype(np.float64)
         self.compensate, self.multiple, self.base_dir = compensate, multiple, base_dir
-        self.feed = {k: v[:samples] if np.ndim(v) else v for k, v in feed.items()}
+        axes = axes or {}
+        self.feed = take_samples(feed, axes, 0, samples)
         self.names = list(reference)
-        self.want = [np.asarray(reference[n])[:samples] for n in self.names]
+        n = count_samples(feed, axes)
+        on_first_axis = all(axis == 0 for axis in axes.values() if axis is not None) and all(
+            np.ndim(reference[name]) and np.shape(reference[name])[0] == n for name in self.names
+        )
+        if on_first_axis:  # the reference outputs of the first samples are a slice
+            self.want = [np.asarray(reference[name])[:samples] for name in self.names]
+        else:  # samples elsewhere (a state [2, batch, 128], a scalar output): run the dense model
+            session, _ = make_session(proto, Provider.CPU, optimize=False, base_dir=base_dir)
+            self.want = list(session.run(self.names, dict(self.feed)))
         self.errors: dict[int, dict[int, float]] = {}
         """Group -> {components cut: output error}."""
         self.runs = 0

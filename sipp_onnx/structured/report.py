@@ -64,6 +64,8 @@ class StructuredReport:
     size_after: FileSize | None = None
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    batch_axes: dict[str, int | None] = field(default_factory=dict)
+    """The calibration inputs whose samples are not on axis 0: batch axis, or None (constant)."""
 
     @property
     def macs_removed(self) -> float:
