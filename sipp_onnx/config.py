@@ -99,7 +99,18 @@ class Provider(StrEnum):
     CUDA = "cuda"
 
 
-PRUNABLE_OP_TYPES: tuple[str, ...] = ("Gemm", "MatMul", "Conv")
+PRUNABLE_OP_TYPES: tuple[str, ...] = (
+    "Gemm",
+    "MatMul",
+    "Conv",
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
+)
+"""The `--op-types` vocabulary. The quantized ops (the last five; QGemm is com.microsoft's) are
+pruned through their dequantized weights and inputs, under their own names (see discover)."""
 
 
 def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:

@@ -266,12 +266,19 @@ def shift_bias(
     base_dir: Path | None = None,
 ) -> str:
     """Add `shift / slot.scale` to the bias at `slot`, creating the bias input when the node has
-    none (as a new initializer of `dtype`). Returns the bias tensor's name."""
-    values = np.asarray(shift, dtype=np.float64) / slot.scale
+    none (as a new initializer of `dtype`). Returns the bias tensor's name.
+
+    An integer bias (a quantized op's int32 bias, `slot.scale` its per-output scale) gets the
+    shift rounded to its integers and clipped to its type."""
+    values = np.asarray(shift, dtype=np.float64) / np.asarray(slot.scale, dtype=np.float64)
     if slot.tensor is not None:
         tensor = protos[slot.tensor]
         current = read_tensor(tensor, base_dir)
-        write_tensor(tensor, current.astype(np.float64) + values.reshape(current.shape))
+        updated = current.astype(np.float64) + values.reshape(current.shape)
+        if current.dtype.kind in "iu":
+            info = np.iinfo(current.dtype)
+            updated = np.clip(np.rint(updated), info.min, info.max)
+        write_tensor(tensor, updated)
         return slot.tensor
     node = model.graph.node[slot.node_index]
     taken = {t.name for t in model.graph.initializer} | {v.name for v in model.graph.input}

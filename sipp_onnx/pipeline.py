@@ -20,7 +20,7 @@ import onnxruntime as ort
 from . import __version__
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
-from .capture import Accumulator, CaptureResult, capture
+from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
 from .discover import discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
@@ -555,14 +555,18 @@ def _calibrate(
                 "(--refit bias or none needs none)",
                 size / 1e9,
             )
-    accumulators: dict[str, list[Accumulator]] = {}
+    accumulators: dict[str, list[Accumulator | Dequantized]] = {}
     by_node: dict[str, DenseAccumulator | ConvAccumulator] = {}
+    protos = tensor_protos(proto)
     for w in found.weights:
         # Without sensitivities only the weight's shape matters: a zero-strided stand-in.
         values = weights[w.name] if sensitivity else np.broadcast_to(np.float32(0), w.shape)
         for layer in w.layers:
             acc = _accumulator(layer, values, config, sensitivity, gram, data.samples)
-            accumulators.setdefault(layer.input, []).append(acc)
+            fed: Accumulator | Dequantized = (
+                acc if layer.input_quant is None else dequantized(acc, layer.input_quant, protos)
+            )
+            accumulators.setdefault(layer.input, []).append(fed)
             by_node[layer.node] = acc
     pairs: dict[str, tuple[int, list[Accumulator]]] = {}
     pair_nodes: dict[str, DenseAccumulator | ConvAccumulator] = {}
@@ -609,7 +613,7 @@ def _pairable(weight: PrunableWeight) -> bool:
     and an input whose points concatenate along one axis (a Gemm/MatMul without transA, or an
     ungrouped Conv)."""
     layer = weight.primary
-    if len(weight.layers) != 1:
+    if len(weight.layers) != 1 or layer.input_quant is not None:  # the pairs would be integers
         return False
     return layer.conv.group == 1 if layer.conv is not None else not layer.transpose_input
 
