@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +22,8 @@ import onnx
 from .calibration import CalibrationData
 from .config import Provider
 from .errors import CalibrationError
+from .layers import InputQuantization
+from .modelio import read_tensor
 from .runtime import add_outputs, make_session, run_error
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,47 @@ class Accumulator(Protocol):
     """What capture needs of a per-layer statistic (see sensitivity.py)."""
 
     def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None: ...
+
+
+@dataclass(frozen=True)
+class Dequantized:
+    """A quantized layer's accumulator: it sees `(x - zero_point) * scale`, the float input the
+    layer's integer product stands for, not the captured integers (see discover's quantized-op
+    section for why). A name is a run-time tensor captured with the input, an array a constant."""
+
+    accumulator: Accumulator
+    scale: str | np.ndarray
+    zero_point: str | np.ndarray
+
+    @property
+    def tensors(self) -> list[str]:
+        """The run-time tensors the pass must capture for it."""
+        return [t for t in (self.scale, self.zero_point) if isinstance(t, str)]
+
+    def update_from(
+        self, x: np.ndarray, token_mask: np.ndarray | None, tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        """Update with the batch's input `x`; `tensors`: the batch's feed and captured tensors."""
+        scale, zero = (tensors[t] if isinstance(t, str) else t for t in (self.scale, self.zero_point))
+        if scale.size != 1 or zero.size != 1:
+            raise CalibrationError(
+                f"a quantized layer's input scale/zero point has {scale.size}/{zero.size} values, not 1"
+            )
+        values = (x.astype(np.float32) - np.float32(zero.reshape(()))) * np.float32(scale.reshape(()))
+        self.accumulator.update(values, token_mask)
+
+
+def dequantized(
+    accumulator: Accumulator, quant: InputQuantization, protos: Mapping[str, onnx.TensorProto]
+) -> Dequantized:
+    """Wrap `accumulator` for a layer with `quant`: constants are read now, the rest captured."""
+
+    def source(name: str) -> str | np.ndarray:
+        if not name:
+            return np.zeros((), np.float32)
+        return read_tensor(protos[name]) if name in protos else name
+
+    return Dequantized(accumulator, source(quant.scale), source(quant.zero_point))
 
 
 @dataclass(frozen=True)
@@ -56,7 +99,7 @@ class CaptureResult:
 def capture(
     model: onnx.ModelProto,
     data: CalibrationData,
-    accumulators: Mapping[str, list[Accumulator]],
+    accumulators: Mapping[str, Sequence[Accumulator | Dequantized]],
     batch_size: int,
     provider: Provider,
     progress: Progress | None = None,
@@ -77,6 +120,10 @@ def capture(
     graph_inputs = {i.name for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     wanted = [name for name in accumulators if name not in graph_inputs]
+    extra = [
+        t for accs in accumulators.values() for a in accs if isinstance(a, Dequantized) for t in a.tensors
+    ]
+    wanted += [name for name in dict.fromkeys(extra) if name not in graph_inputs and name not in wanted]
     paired = paired or {}
     wanted += [name for name in paired if name not in graph_inputs and name not in wanted]
     t_session = time.perf_counter()
@@ -110,11 +157,11 @@ def capture(
             taught = (
                 dict(zip(taught_names, teaching.run(taught_names, feed), strict=True)) if taught_names else {}
             )
-            for name, (axis, accs) in paired.items():
+            for name, (axis, pair_accs) in paired.items():
                 own = feed[name] if name in graph_inputs else values[name]
                 both = np.concatenate([own, feed[name] if name in graph_inputs else taught[name]], axis=axis)
-                for acc in accs:
-                    acc.update(both, mask)
+                for pair_acc in pair_accs:
+                    pair_acc.update(both, mask)
             del taught
         for name, accs in accumulators.items():
             x = feed[name] if name in graph_inputs else values[name]
@@ -124,7 +171,10 @@ def capture(
                     "overflows on this data (values far outside its range?)"
                 )
             for acc in accs:
-                acc.update(x, mask)
+                if isinstance(acc, Dequantized):
+                    acc.update_from(x, mask, {**feed, **values})
+                else:
+                    acc.update(x, mask)
         del values
         stats_s += time.perf_counter() - t1
         run_s += t1 - t0

@@ -108,7 +108,14 @@ PRUNABLE_OP_TYPES: tuple[str, ...] = (
     "LSTM",
     "GRU",
     "RNN",
+    "ConvInteger",
+    "MatMulInteger",
+    "QLinearConv",
+    "QLinearMatMul",
+    "QGemm",
 )
+"""The `--op-types` vocabulary. The quantized ops (the last five; QGemm is com.microsoft's) are
+pruned through their dequantized weights and inputs, under their own names (see discover)."""
 RECURRENT_OP_TYPES: tuple[str, ...] = ("LSTM", "GRU", "RNN")
 
 

@@ -9,6 +9,9 @@ pruned only when every consumer is such a layer using it as its weight; anything
 it (another op, a subgraph, a graph output, an excluded layer) would silently change, so the
 weight is skipped with that reason. Every candidate node that is not pruned is reported with
 the reason, including nodes inside If/Loop/Scan subgraphs.
+
+Quantized layers (ConvInteger, MatMulInteger, QLinearConv, QLinearMatMul, com.microsoft QGemm)
+are pruned through their dequantized view; see the section "Quantized ops" below.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from math import prod
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.logger import G_LOGGER
@@ -32,6 +36,7 @@ from .layers import (
     ConvGeometry,
     ConvTransposeGeometry,
     Discovery,
+    InputQuantization,
     Layer,
     PrunableWeight,
     RecurrentGeometry,
@@ -75,7 +80,10 @@ def discover(
     chains: dict[str, tuple[str, tuple[ChainStep, ...]]] = {}
     einsums: dict[str, DenseEinsum] = {}
     for node in graph.nodes:
-        if node.op not in PRUNABLE_OP_TYPES:
+        if node.op not in PRUNABLE_OP_TYPES or _foreign_domain(node):
+            unsupported = _unsupported_quantized(node)
+            if unsupported:
+                skipped.append(SkippedCandidate(ids[id(node)], node.op, unsupported, _weight_name(node)))
             continue
         node_id = ids[id(node)]
         for slot in _weight_slots(node, graph_inputs, sparse):
@@ -163,7 +171,11 @@ def _is_constant(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) ->
 
 
 def _weight_slot(node: gs.Node, graph_inputs: set[str], sparse: set[str]) -> int:
-    """Input 1, except for an Einsum whose only constant operand is the first."""
+    """Input 1, except for a quantized op (its own slot) and an Einsum whose only constant operand
+    is the first."""
+    spec = QUANTIZED_OPS.get(node.op)
+    if spec is not None:
+        return spec.weight
     if node.op != "Einsum" or len(node.inputs) != 2:
         return 1
     first, second = (_constant_like(t, graph_inputs, sparse) for t in node.inputs)
@@ -191,6 +203,8 @@ def _layer_of(
     reads its weight in `einsums`."""
     if node.op == "Einsum" and len(node.inputs) != 2:
         raise _Rejected(f"Einsum of {len(node.inputs)} operands (a dense layer has two)")
+    if node.op in QUANTIZED_OPS:
+        return _quantized_layer(node, node_id, graph_inputs, sparse, protos, chains)
     if len(node.inputs) < 2 or not node.inputs[0].name or not node.inputs[1].name:
         raise _Rejected("missing an operand")
     slot = _weight_slot(node, graph_inputs, sparse)
@@ -597,6 +611,8 @@ def _bias_slot(
     einsum: DenseEinsum | None = None,
 ) -> BiasSlot:
     """Where the bias refit can shift this layer's outputs, or raise `_Rejected` with why not."""
+    if node.op in QUANTIZED_OPS:
+        return _quantized_bias(node, layer, index_of, graph_inputs, graph_outputs, sparse)
     if layer.recurrent is not None:
         return _recurrent_bias(node, layer, index_of[id(node)], graph_inputs, graph_outputs, sparse)
     if einsum is not None and einsum.bias_problem:
@@ -741,7 +757,7 @@ def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCa
         for node in g.nodes:
             label = node.name or f"{node.op} in {owner}"
             if node.op in PRUNABLE_OP_TYPES:
-                weight = node.inputs[1].name if len(node.inputs) > 1 else None
+                weight = _weight_name(node)
                 found.append(
                     SkippedCandidate(
                         label,
@@ -762,3 +778,378 @@ def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCa
                 if isinstance(sub, gs.Graph):
                     walk(sub, f"{node.op} node {ids[id(node)]!r}")
     return found
+
+
+# --- Quantized ops --------------------------------------------------------------------------
+#
+# A quantized layer computes, in its dequantized view, the float layer `W x` with
+# `W = (w - w_zero_point) * w_scale` and `x = (x_q - x_zero_point) * x_scale`: that is what it is
+# pruned as. The weight is read and written through a DequantizeLinear-like chain step (see
+# weightchain: pruned entries become the zero point, refitted values are requantized with the
+# same scale), and the captured integer input is dequantized before the accumulators see it.
+#
+# Why the input is dequantized with its own per-batch scale (DynamicQuantizeLinear's output 1,
+# captured with the input) rather than used as integers: SiPP's relative shares do not depend on
+# a positive per-tensor input scale, but the refit's Gram matrices and the bias shift do; a
+# dynamic scale differs from batch to batch, so sums of raw integers over batches would weigh
+# the batches wrongly and give the bias shift the wrong units. Why not DynamicQuantizeLinear's
+# float input instead: the dequantized integers are exactly what the op multiplies (rounding
+# included), so the refit fits the layer as it runs.
+
+
+@dataclass(frozen=True)
+class _QuantSpec:
+    """Input slots of a quantized layer op (None: the op has no such input)."""
+
+    domain: str
+    float_op: str
+    """The float op whose geometry it has: Conv, MatMul or Gemm."""
+    x_scale: int | None
+    x_zero: int
+    weight: int
+    w_scale: int | None
+    w_zero: int
+    bias: int | None
+    """An int32 bias with scale `x_scale * w_scale` (QLinearConv, QGemm)."""
+
+
+QUANTIZED_OPS: dict[str, _QuantSpec] = {
+    "ConvInteger": _QuantSpec("", "Conv", None, 2, 1, None, 3, None),
+    "MatMulInteger": _QuantSpec("", "MatMul", None, 2, 1, None, 3, None),
+    "QLinearConv": _QuantSpec("", "Conv", 1, 2, 3, 4, 5, 8),
+    "QLinearMatMul": _QuantSpec("", "MatMul", 1, 2, 3, 4, 5, None),
+    "QGemm": _QuantSpec("com.microsoft", "Gemm", 1, 2, 3, 4, 5, 6),
+}
+
+UNSUPPORTED_QUANTIZED: dict[str, str] = {
+    "DynamicQuantizeLSTM": "its int8 weights are packed per gate and direction (not pruned)",
+    "QAttention": "its packed int8 QKV weight has no single input per output (not pruned)",
+    "DynamicQuantizeMatMul": "a fused dynamic-quantization MatMul (not pruned yet)",
+    "MatMulIntegerToFloat": "a fused integer MatMul with float output (not pruned yet)",
+    "MatMulNBits": "blocked low-bit weight quantization (not pruned)",
+    "MatMulBnb4": "blocked 4-bit weight quantization (not pruned)",
+    "QOrderedMatMul": "an ordered-layout int8 MatMul (not pruned)",
+    "QEmbedLayerNormalization": "quantized embedding tables (not pruned)",
+    "GatherBlockQuantized": "blocked quantized embedding table (not pruned)",
+}
+"""com.microsoft ops holding quantized weights that discovery reports instead of pruning."""
+
+_DEFAULT_DOMAINS = ("", "ai.onnx")
+_INT8 = ("int8", "uint8")
+
+
+def _foreign_domain(node: gs.Node) -> bool:
+    """A node named like a prunable op but from another domain than that op's."""
+    spec = QUANTIZED_OPS.get(node.op)
+    want = (spec.domain,) if spec is not None and spec.domain else _DEFAULT_DOMAINS
+    return (node.domain or "") not in want
+
+
+def _unsupported_quantized(node: gs.Node) -> str:
+    """Why a quantized op that holds a weight is not pruned ('' for other ops)."""
+    domain = node.domain or ""
+    if node.op in UNSUPPORTED_QUANTIZED and domain == "com.microsoft":
+        return f"com.microsoft {node.op}: {UNSUPPORTED_QUANTIZED[node.op]}"
+    if node.op in PRUNABLE_OP_TYPES:
+        return f"{node.op} of domain {domain or 'ai.onnx'!r} is not the op discovery knows"
+    return ""
+
+
+def _weight_name(node: gs.Node) -> str | None:
+    spec = QUANTIZED_OPS.get(node.op)
+    slot = spec.weight if spec is not None else 1
+    return node.inputs[slot].name if len(node.inputs) > slot and node.inputs[slot].name else None
+
+
+def _input(node: gs.Node, slot: int | None) -> gs.Tensor | None:
+    if slot is None or len(node.inputs) <= slot or not node.inputs[slot].name:
+        return None
+    return node.inputs[slot]
+
+
+def _quantized_layer(
+    node: gs.Node,
+    node_id: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
+) -> Layer:
+    """The Layer of a quantized op, its weight's dequantization recorded in `chains`."""
+    spec = QUANTIZED_OPS[node.op]
+    act, weight = _input(node, 0), _input(node, spec.weight)
+    if act is None or weight is None:
+        raise _Rejected("missing an operand")
+    problem = _constant_source(weight, graph_inputs, sparse)
+    if problem:
+        if spec.float_op == "MatMul":
+            raise _Rejected(f"both operands are activations (e.g. attention); {problem}")
+        raise _Rejected(problem)
+    if _is_constant(act, graph_inputs, sparse):
+        raise _Rejected("both operands are constant (a constant-folding candidate, not a layer)")
+    proto = protos.get(weight.name)
+    if proto is None:
+        raise _Rejected(f"weight {weight.name!r} has no tensor value")
+    dtype = str(np_dtype(proto.data_type))
+    if dtype not in _INT8:
+        raise _Rejected(f"quantized weight of type {dtype} (int8 and uint8 are pruned)")
+    shape = tuple(int(d) for d in proto.dims)
+    if 0 in shape:
+        raise _Rejected(f"weight {weight.name!r} is empty, shape {list(shape)}")
+    layer = _float_geometry(node, spec, node_id, weight.name, act.name, shape)
+    quant = _input_quantization(node, spec, act, graph_inputs, sparse, protos)
+    layer = replace(layer, op_type=node.op, input_quant=quant, weight_input=spec.weight)
+    axis = 1 if layer.layout is WeightLayout.COLUMNS else 0  # the output axis of the stored weight
+    zero = _weight_parameter(node, spec.w_zero, "zero point", layer, dtype, graph_inputs, sparse, protos)
+    if spec.w_scale is not None:
+        scale = _weight_parameter(node, spec.w_scale, "scale", layer, "", graph_inputs, sparse, protos)
+        label = "(w - zero point) * scale"
+    else:
+        scale = _scale_after(node, quant, layer, graph_inputs, sparse, protos)
+        label = "(w - zero point) * scale of the Mul after" if scale else "(w - zero point), scale unknown"
+    if not scale:
+        # Sensitivities and each row's refit do not depend on a row's scale; the error allocation
+        # then compares rows and layers in integer units, and the bias shift would have none.
+        layer = replace(
+            layer, bias_problem="no bias refit: the weight scale is unknown, so the output shift has no units"
+        )
+    out_dtype = str(np_dtype(protos[scale].data_type)) if scale else "float32"
+    step = ChainStep(
+        "DequantizeLinear", shape, shape, out_dtype, scale=scale, zero_point=zero, axis=axis, label=label
+    )
+    chains[weight.name] = (weight.name, (step,))
+    return layer
+
+
+def _float_geometry(
+    node: gs.Node, spec: _QuantSpec, node_id: str, weight: str, act: str, shape: tuple[int, ...]
+) -> Layer:
+    """The Layer the float op of the same geometry would have."""
+    if spec.float_op == "Conv":
+        return _conv_layer(node, node_id, weight, act, shape)
+    if len(shape) != 2:
+        raise _Rejected(f"weight of rank {len(shape)} (only 2-D {node.op} weights are layers)")
+    if spec.float_op == "MatMul":
+        return Layer(node_id, node.op, weight, act, shape, WeightLayout.COLUMNS)
+    layout = WeightLayout.ROWS if int(node.attrs.get("transB", 0)) else WeightLayout.COLUMNS
+    transpose = bool(int(node.attrs.get("transA", 0)))
+    return Layer(node_id, node.op, weight, act, shape, layout, transpose_input=transpose)
+
+
+def _input_quantization(
+    node: gs.Node,
+    spec: _QuantSpec,
+    act: gs.Tensor,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> InputQuantization:
+    """The activation's scale and zero point: per-tensor constants, or the run-time outputs of
+    a DynamicQuantizeLinear (per tensor by definition), else `_Rejected`."""
+    zero = _input(node, spec.x_zero)
+    if zero is not None:
+        _activation_parameter(zero, 2, "zero point", graph_inputs, sparse, protos)
+    if spec.x_scale is not None:
+        scale = _input(node, spec.x_scale)
+        if scale is None:
+            raise _Rejected("no activation scale")
+        _activation_parameter(scale, 1, "scale", graph_inputs, sparse, protos)
+        return InputQuantization(scale.name, zero.name if zero is not None else "")
+    producer = act.inputs[0] if act.inputs else None
+    if producer is not None and producer.op == "DynamicQuantizeLinear" and len(producer.outputs) > 1:
+        name = producer.outputs[1].name
+    elif producer is not None and producer.op == "QuantizeLinear" and _input(producer, 1) is not None:
+        name = producer.inputs[1].name
+        _activation_parameter(producer.inputs[1], 1, "scale", graph_inputs, sparse, protos)
+    else:
+        source = f"{producer.op} node {producer.name!r}" if producer is not None else "a graph input"
+        raise _Rejected(
+            f"the activation's scale is unknown: {node.op} has none and its input comes from {source}, "
+            "not a DynamicQuantizeLinear or QuantizeLinear"
+        )
+    return InputQuantization(name, zero.name if zero is not None else "")
+
+
+def _activation_parameter(
+    tensor: gs.Tensor,
+    output: int,
+    what: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> None:
+    """Reject an activation scale/zero point that is not one value per tensor."""
+    if _is_constant(tensor, graph_inputs, sparse) and tensor.name in protos:
+        size = prod(int(d) for d in protos[tensor.name].dims)
+        if size != 1:
+            raise _Rejected(
+                f"activation {what} {tensor.name!r} has {size} values (per-row or per-channel "
+                "activation quantization is not supported)"
+            )
+        return
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is None or producer.op != "DynamicQuantizeLinear" or producer.outputs[output] is not tensor:
+        source = f"{producer.op} node {producer.name!r}" if producer is not None else "a graph input"
+        raise _Rejected(
+            f"activation {what} {tensor.name!r} comes from {source} (only constants and "
+            "DynamicQuantizeLinear outputs are known to be per tensor)"
+        )
+
+
+def _weight_parameter(
+    node: gs.Node,
+    slot: int,
+    what: str,
+    layer: Layer,
+    dtype: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> str:
+    """The constant weight scale or zero point at `slot` ('' for an absent zero point): per
+    tensor or per output channel, of the weight's type (zero point) or positive (scale)."""
+    tensor = _input(node, slot)
+    if tensor is None:
+        if what == "scale":
+            raise _Rejected("no weight scale")
+        return ""
+    if not _is_constant(tensor, graph_inputs, sparse) or tensor.name not in protos:
+        raise _Rejected(
+            f"weight {what} {tensor.name!r} is not a constant (pruned entries are written as the "
+            "zero point, refitted ones requantized with the scale: both must be known)"
+        )
+    proto = protos[tensor.name]
+    values = read_tensor(proto)
+    if values.size not in (1, layer.n_out):
+        raise _Rejected(
+            f"weight {what} {tensor.name!r} has {values.size} values, not 1 or {layer.n_out} "
+            "(blocked or per-input quantization is not supported)"
+        )
+    if what == "zero point" and str(values.dtype) != dtype:
+        raise _Rejected(f"weight zero point of type {values.dtype}, the weight is {dtype}")
+    if what == "scale" and not (
+        values.dtype.kind == "f" and np.isfinite(values).all() and (values > 0).all()
+    ):
+        raise _Rejected(f"weight scale {tensor.name!r} is not positive and finite")
+    return tensor.name
+
+
+def _output_mul(node: gs.Node) -> gs.Node | None:
+    """The Mul that scales an integer op's output: op -> Cast (to float) -> Mul, else None."""
+    casts = node.outputs[0].outputs
+    if len(casts) != 1 or casts[0].op != "Cast":
+        return None
+    muls = casts[0].outputs[0].outputs
+    return muls[0] if len(muls) == 1 and muls[0].op == "Mul" else None
+
+
+def _scale_after(
+    node: gs.Node,
+    quant: InputQuantization,
+    layer: Layer,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> str:
+    """The weight scale of a ConvInteger/MatMulInteger, found where quantize_dynamic puts it:
+    op -> Cast -> Mul by `x_scale * w_scale`, the product a Mul of the activation's scale and a
+    constant. '' when the graph has another form."""
+    mul = _output_mul(node)
+    if mul is None:
+        return ""
+    cast_out = node.outputs[0].outputs[0].outputs[0]
+    factor = mul.inputs[1] if mul.inputs[0] is cast_out else mul.inputs[0]
+    product = factor.inputs[0] if factor.inputs else None
+    if product is None or product.op != "Mul" or len(product.inputs) != 2:
+        return ""
+    names = [t.name for t in product.inputs]
+    if quant.scale not in names:
+        return ""
+    other = product.inputs[1 - names.index(quant.scale)]
+    if not _is_constant(other, graph_inputs, sparse) or other.name not in protos:
+        return ""
+    values = read_tensor(protos[other.name])
+    if values.size not in (1, layer.n_out) or values.dtype.kind != "f" or not (values > 0).all():
+        return ""
+    if values.size > 1 and layer.conv is not None and values.shape[0] != layer.n_out:
+        return ""  # a per-channel factor must lie along the output's channel axis
+    return other.name
+
+
+def _quantized_bias(
+    node: gs.Node,
+    layer: Layer,
+    index_of: dict[int, int],
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+) -> BiasSlot:
+    """The int32 bias of QLinearConv/QGemm (scale `x_scale * w_scale`), or the float bias Add
+    after an integer op's output Mul; `_Rejected` where the refit cannot shift the outputs."""
+    spec = QUANTIZED_OPS[node.op]
+    if layer.bias_problem:  # set by _quantized_layer
+        raise _Rejected(layer.bias_problem)
+    if spec.x_scale is None:
+        return _bias_after_mul(node, layer, index_of, graph_inputs, graph_outputs, sparse)
+    if spec.bias is None:
+        raise _Rejected(f"no bias: {node.op} has no bias input and its output is requantized")
+    if node.op == "QGemm" and float(node.attrs.get("alpha", 1.0)) != 1.0:
+        raise _Rejected("no bias refit: QGemm alpha is not 1 (the bias scale would differ)")
+    bias = _input(node, spec.bias)
+    if bias is None:
+        raise _Rejected(f"no bias to refit: {node.op} has no int32 bias input (none is added)")
+    x_scale, w_scale = _input(node, spec.x_scale), _input(node, spec.w_scale)
+    if x_scale is None or w_scale is None or not isinstance(x_scale, gs.Constant):
+        raise _Rejected("no bias refit: the activation scale is not a constant initializer")
+    if not isinstance(w_scale, gs.Constant):
+        raise _Rejected("no bias refit: the weight scale is not a constant initializer")
+    slot = _existing_bias(
+        node, spec.bias, layer.n_out, index_of[id(node)], 1.0, graph_inputs, graph_outputs, sparse
+    )
+    scales = _values(x_scale).reshape(-1) * _values(w_scale).reshape(-1)
+    per_out = np.broadcast_to(scales, (layer.n_out,))
+    return replace(slot, scale=tuple(float(v) for v in per_out))
+
+
+def _bias_after_mul(
+    node: gs.Node,
+    layer: Layer,
+    index_of: dict[int, int],
+    graph_inputs: set[str],
+    graph_outputs: set[str],
+    sparse: set[str],
+) -> BiasSlot:
+    """quantize_dynamic's float bias: op -> Cast -> Mul -> Add(bias), the bias a constant or
+    (ConvInteger) a Reshape of one to `[1, C, 1, ...]`."""
+    mul = _output_mul(node)
+    if mul is None:
+        raise _Rejected("no bias: the integer output is not Cast then scaled by one Mul")
+    out = mul.outputs[0]
+    adds = list(out.outputs)
+    if out.name in graph_outputs or len(adds) != 1 or adds[0].op != "Add":
+        raise _Rejected("no bias: the scaled output does not go to a single Add")
+    add = adds[0]
+    slot = 1 if add.inputs[0] is out else 0
+    tensor = add.inputs[slot]
+    producer = tensor.inputs[0] if tensor.inputs else None
+    if producer is not None and producer.op == "Reshape" and not _is_constant(tensor, graph_inputs, sparse):
+        if len(tensor.outputs) != 1 or tensor.name in graph_outputs:
+            raise _Rejected(f"no bias to refit: bias {tensor.name!r} is shared")
+        shape = producer.inputs[1] if len(producer.inputs) > 1 else None
+        dims = [int(d) for d in _values(shape).reshape(-1)] if isinstance(shape, gs.Constant) else []
+        if dims.count(-1) == 1 and prod(d for d in dims if d != -1) == 1:
+            dims[dims.index(-1)] = layer.n_out
+        channel = len(dims) - 1 - (layer.conv.spatial_rank if layer.conv is not None else 0)
+        if channel < 0 or dims[channel] != layer.n_out or prod(dims) != layer.n_out:
+            raise _Rejected(f"no bias to refit: bias {tensor.name!r} is reshaped to {dims}, not per channel")
+        index = index_of[id(add)]
+        base = _existing_bias(producer, 0, layer.n_out, index, 1.0, graph_inputs, graph_outputs, sparse)
+        return replace(base, input_index=slot)
+    return _existing_bias(add, slot, layer.n_out, index_of[id(add)], 1.0, graph_inputs, graph_outputs, sparse)
+
+
+def _values(tensor: gs.Constant) -> np.ndarray:
+    """A small graphsurgeon constant's values (loaded if lazy), as float64 or int64."""
+    values = tensor.values
+    array = np.asarray(values.load() if hasattr(values, "load") else values)
+    return array.astype(np.float64 if array.dtype.kind == "f" else np.int64)

@@ -107,8 +107,10 @@ class BiasSlot:
     after a MatMul)."""
     input_index: int
     tensor: str | None
-    scale: float = 1.0
-    """Gemm's beta (the bias is multiplied by it); 1 otherwise."""
+    scale: float | tuple[float, ...] = 1.0
+    """Gemm's beta (the bias is multiplied by it); 1 otherwise. For the int32 bias of a quantized
+    op (QLinearConv, QGemm), the bias's own scale per output (`x_scale * w_scale`): the shift is
+    then rounded to the bias's integers."""
     part: tuple[int, int] | None = None
     """Recurrent ops: the bias is entries `[start, stop)` of the last axis of B `[dirs, width]`
     (W's part, then R's); the shift `[dirs * (stop - start)]` goes there, direction by
@@ -116,10 +118,24 @@ class BiasSlot:
 
 
 @dataclass(frozen=True)
+class InputQuantization:
+    """How a quantized layer's integer input is dequantized before the accumulators see it:
+    `(x - zero_point) * scale`, per tensor (see discover's quantized-op section).
+
+    Each name is a constant or a tensor computed at run time (DynamicQuantizeLinear's scale and
+    zero point), which the calibration pass then captures with the input."""
+
+    scale: str
+    zero_point: str = ""
+    """'' when the op has none: zero."""
+
+
+@dataclass(frozen=True)
 class Layer:
     """One use of a constant weight by a Gemm, MatMul, Conv, ConvTranspose, Einsum or recurrent
-    (LSTM/GRU/RNN) node. A recurrent node has two layers, W and R, named `<node>/W` and
-    `<node>/R`."""
+    (LSTM/GRU/RNN) node, or a quantized form (ConvInteger, MatMulInteger, QLinearConv,
+    QLinearMatMul, com.microsoft QGemm). A recurrent node has two layers, W and R, named
+    `<node>/W` and `<node>/R`."""
 
     node: str
     """Unique node identifier: the node name, or `<op>#<index>` when it is empty or repeated."""
@@ -148,6 +164,8 @@ class Layer:
     """Axes of the activation (counted from its end) that hold a point, in the weight's order;
     () for the last axis. Set for an Einsum that contracts other axes (`bji,jk->bik`, or two
     axes at once, `abcd,cde->abe`): the accumulator moves them last and flattens them."""
+    input_quant: InputQuantization | None = None
+    """Quantized ops: how the captured integer input is dequantized (None: used as it is)."""
 
     @property
     def n_out(self) -> int:
@@ -204,13 +222,18 @@ class ChainStep:
     perm: tuple[int, ...] = ()
     """Transpose."""
     scale: str = ""
-    """DequantizeLinear: the scale tensor's name."""
+    """DequantizeLinear: the scale tensor's name ('' when none is known: a scale of 1)."""
     zero_point: str = ""
     """DequantizeLinear: the zero point tensor's name ('' when absent: zero)."""
     axis: int = 1
     """DequantizeLinear: the axis of a per-channel scale."""
+    label: str = ""
+    """How inspect names the step when it is not a node of the graph (a quantized op's own
+    weight dequantization)."""
 
     def describe(self) -> str:
+        if self.label:
+            return self.label
         return self.op if not self.perm else f"{self.op}{list(self.perm)}"
 
 

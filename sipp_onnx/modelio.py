@@ -269,20 +269,26 @@ def shift_bias(
     none (as a new initializer of `dtype`). Returns the bias tensor's name.
 
     With `slot.part` (a recurrent op's B), the shift goes into its part of every direction's
-    row; the B that an earlier shift of the same node created is reused."""
-    values = np.asarray(shift, dtype=np.float64) / slot.scale
+    row; the B that an earlier shift of the same node created is reused. An integer bias (a
+    quantized op's int32 bias, `slot.scale` its per-output scale) gets the shift rounded to its
+    integers and clipped to its type."""
+    values = np.asarray(shift, dtype=np.float64) / np.asarray(slot.scale, dtype=np.float64)
     node = model.graph.node[slot.node_index]
     name = slot.tensor
     if name is None and slot.part is not None and len(node.input) > slot.input_index:
         name = node.input[slot.input_index] or None  # created by the other part's refit
     if name is not None:
         tensor = protos[name]
-        current = read_tensor(tensor, base_dir).astype(np.float64)
+        stored = read_tensor(tensor, base_dir)
+        current = stored.astype(np.float64)
         if slot.part is not None:
             start, stop = slot.part
             current[:, start:stop] += values.reshape(current.shape[0], stop - start)
         else:
             current += values.reshape(current.shape)
+        if stored.dtype.kind in "iu":
+            info = np.iinfo(stored.dtype)
+            current = np.clip(np.rint(current), info.min, info.max)
         write_tensor(tensor, current)
         return name
     if slot.part is not None:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from . import __version__
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
-from .capture import Accumulator, CaptureResult, capture
+from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
 from .discover import discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
@@ -613,7 +613,7 @@ def _calibrate(
                 "(--refit bias or none needs none)",
                 size / 1e9,
             )
-    accumulators: dict[str, list[Accumulator]] = {}
+    accumulators: dict[str, list[Accumulator | Dequantized]] = {}
     by_node: dict[str, LayerAccumulator] = {}
     protos = tensor_protos(proto)
     for w in found.weights:
@@ -624,7 +624,10 @@ def _calibrate(
             h0 = read_tensor(protos[geom.initial_h], base_dir) if geom and geom.initial_h_constant else None
             acc = _accumulator(layer, values, config, sensitivity, gram, data.samples, h0)
             for name, feeder in _feeds(layer, acc).items():
-                accumulators.setdefault(name, []).append(feeder)
+                fed: Accumulator | Dequantized = (
+                    feeder if layer.input_quant is None else dequantized(feeder, layer.input_quant, protos)
+                )
+                accumulators.setdefault(name, []).append(fed)
             by_node[layer.node] = acc
     pairs: dict[str, tuple[int, list[Accumulator]]] = {}
     pair_nodes: dict[str, DenseAccumulator | ConvAccumulator] = {}
@@ -673,6 +676,8 @@ def _pairable(weight: PrunableWeight) -> bool:
     Einsum with its points on the last axis, or an ungrouped Conv)."""
     layer = weight.primary
     if len(weight.layers) != 1 or layer.recurrent is not None:
+        return False
+    if layer.input_quant is not None:  # the pairs would be integers
         return False
     if layer.conv is not None:
         return layer.conv.group == 1

@@ -9,11 +9,13 @@ quantization parameters stay as they were.
 
 A quantized weight is written back as `zero_point` where pruned (it dequantizes to exactly 0).
 Kept entries whose value did not change keep their integer; values a refit changed are
-requantized with the same scale (rounded and clipped to the integer type).
+requantized with the same scale (rounded and clipped to the integer type; never onto the zero
+point). The same write-back serves the quantized ops' own weights (QLinearConv etc., see discover).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,8 @@ import onnx
 
 from .layers import ChainStep, PrunableWeight
 from .modelio import read_tensor, write_tensor
+
+log = logging.getLogger(__name__)
 
 
 def read_weight(
@@ -85,8 +89,21 @@ def _backward(
         scale, zero = _quantization(step, original.ndim, protos)
         info = np.iinfo(original.dtype)
         dequantized = _forward(step, original, protos)
-        requantized = np.clip(np.rint(values.astype(np.float64) / scale + zero), info.min, info.max)
-        out = np.where(values == dequantized, original, requantized.astype(original.dtype))
+        unclipped = np.rint(values.astype(np.float64) / scale + zero)
+        changed = values != dequantized
+        clipped = int(np.count_nonzero(changed & ((unclipped < info.min) | (unclipped > info.max))))
+        if clipped:  # the refit asked for more than the fixed scale can hold (per-channel scales)
+            log.warning(
+                "%d refitted weight value(s) fall outside the %s range of scale %r and were clipped",
+                clipped,
+                original.dtype,
+                step.scale or "(none)",
+            )
+        # A kept weight stays kept (the mask, and the report's counts, are what was selected): a
+        # refitted value within half a step of 0 is stored one step from the zero point instead.
+        unclipped = np.where(changed & (values != 0) & (unclipped == zero), zero + np.sign(values), unclipped)
+        requantized = np.clip(unclipped, info.min, info.max)
+        out = np.where(changed, requantized.astype(original.dtype), original)
         return np.where(values == 0, np.broadcast_to(zero, values.shape).astype(original.dtype), out)
     return values.astype(original.dtype, copy=False)  # Identity
 
@@ -94,12 +111,19 @@ def _backward(
 def _quantization(
     step: ChainStep, ndim: int, protos: dict[str, onnx.TensorProto]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of a DequantizeLinear, shaped to broadcast over its input."""
-    scale = read_tensor(protos[step.scale]).astype(np.float64)
+    """Scale and zero point of a DequantizeLinear, shaped to broadcast over its input.
+
+    Each is per tensor or per axis on its own (a quantized op may pair a per-tensor scale with
+    per-channel zero points); a step without a known scale has scale 1 (see discover)."""
+    scale = read_tensor(protos[step.scale]).astype(np.float64) if step.scale else np.ones(())
     zero = read_tensor(protos[step.zero_point]).astype(np.float64) if step.zero_point else np.zeros(())
-    if scale.ndim == 1 and ndim > 1:
-        shape = [1] * ndim
-        shape[step.axis % ndim] = scale.shape[0]
-        scale = scale.reshape(shape)
-        zero = zero.reshape(shape) if zero.ndim == 1 else zero
-    return scale, zero
+    return _on_axis(scale, step.axis, ndim), _on_axis(zero, step.axis, ndim)
+
+
+def _on_axis(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    """A per-tensor value as a scalar, a per-axis one shaped to broadcast along `axis`."""
+    if values.size == 1:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis % ndim] = values.size
+    return values.reshape(shape)

@@ -173,11 +173,11 @@ def test_recurrent_sensitivities_against_the_definition(terms, reduction):
     x = rng.normal(size=(4, 3, 5)).astype(np.float32)
     h0 = rng.normal(size=(2, 3, 6)).astype(np.float32)
     y = _run(model, {"X": x.swapaxes(0, 1).copy(), "h0": h0.swapaxes(0, 1).copy()}, ["Y"])["Y"]
+
     def naive(rows, samples, reduction):
         if terms == "signed":
             return naive_dense_sensitivity(rows, samples, reduction)
         return naive_abs_sensitivity(rows, [lambda i, s=s: s for s in samples], reduction)
-
 
     acc_w = SequenceInputAccumulator(
         to_rows(weights["W"], w_layer.layout), w_layer.recurrent, reduction=reduction, terms=terms
