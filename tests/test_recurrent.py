@@ -277,6 +277,9 @@ def test_prune_recurrent_model_end_to_end(tmp_path, op, direction, layout, initi
         refit = reported[name].refit
         assert refit is not None and refit.error_after is not None and refit.error_before is not None
         assert refit.error_after <= refit.error_before + 1e-6
+    # R's inputs are its own outputs fed back: mask and bias refit only, and the report says why.
+    assert reported["R"].refit.how == "bias" and "recurrent" in reported["R"].refit.note
+    assert reported["W"].refit.how != "bias"
     sess_a = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     sess_b = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     feed = {k: v[:8] for k, v in calib.items()}
