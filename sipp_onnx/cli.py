@@ -470,6 +470,8 @@ def prune(
                 calib += f" (recommended >= {report.recommended_samples})"
             click.echo(f"provider: {report.provider}; {calib}")
         _echo_layout(report.batch_axes)
+        for line in report.branches:
+            click.echo(line)
         for check in report.verification:
             click.echo(
                 f"output {check.output!r}: relative L2 error {check.rel_l2_error:.4g}, "

@@ -46,7 +46,7 @@ from .layers import (
 from .modelio import np_dtype, read_tensor, tensor_protos
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
-FOLLOWED_OPS = ("Identity", "Transpose", "Reshape", "Cast", "DequantizeLinear")
+FOLLOWED_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear")
 """Ops between a stored constant and a layer's weight that discovery follows (see weightchain)."""
 _FLOAT_DTYPES = SUPPORTED_DTYPES
 
@@ -482,6 +482,8 @@ def _chain_step(
         return ChainStep("Transpose", shape, tuple(shape[p] for p in perm), dtype, perm=perm)
     if node.op == "Reshape":
         return ChainStep("Reshape", shape, _reshaped(node, shape, graph_inputs, sparse, protos), dtype)
+    if node.op in ("Squeeze", "Unsqueeze"):
+        return ChainStep(node.op, shape, _squeezed(node, shape, graph_inputs, sparse, protos), dtype)
     if node.op == "Cast":
         to = str(np_dtype(int(node.attrs.get("to", 0))))
         if dtype not in _FLOAT_DTYPES or to not in _FLOAT_DTYPES:
@@ -524,6 +526,35 @@ def _reshaped(
     if any(d < 0 for d in out) or prod(out) != prod(shape):
         raise _Rejected(f"shape {target} does not fit {list(shape)}")
     return tuple(out)
+
+
+def _squeezed(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> tuple[int, ...]:
+    """The shape after a Squeeze/Unsqueeze (axes from input 1, or the attribute before opset 13)."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        proto = _small_constant(node.inputs[1], "axes", graph_inputs, sparse, protos)
+        axes = [int(a) for a in read_tensor(proto).ravel()]
+    else:
+        axes = [int(a) for a in node.attrs.get("axes", [])]
+    if node.op == "Squeeze":
+        if not axes:
+            return tuple(d for d in shape if d != 1)
+        rank = len(shape)
+        drop = {a % rank for a in axes if -rank <= a < rank}
+        if len(drop) != len(axes) or any(shape[a] != 1 for a in drop):
+            raise _Rejected(f"axes {axes} do not fit shape {list(shape)}")
+        return tuple(d for i, d in enumerate(shape) if i not in drop)
+    rank = len(shape) + len(axes)
+    add = {a % rank for a in axes if -rank <= a < rank}
+    if not axes or len(add) != len(axes):
+        raise _Rejected(f"axes {axes} do not fit rank {rank}")
+    dims = iter(shape)
+    return tuple(1 if i in add else next(dims) for i in range(rank))
 
 
 def _dequantize_step(
@@ -766,8 +797,12 @@ def _sharing_problem(
     return None
 
 
+SUBGRAPH_OF_IF = "inside a subgraph of If node"
+"""How the reason of a candidate inside an If branch starts (`prune` may still reach it)."""
+
+
 def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCandidate]:
-    """Gemm/MatMul/Conv/ConvTranspose nodes inside If/Loop/Scan bodies (not pruned yet), recursively."""
+    """Candidate nodes inside If/Loop/Scan bodies (not pruned where they are), recursively."""
     found: list[SkippedCandidate] = []
 
     def walk(g: gs.Graph, owner: str) -> None:
@@ -775,15 +810,17 @@ def _subgraph_candidates(graph: gs.Graph, ids: dict[int, str]) -> list[SkippedCa
             label = node.name or f"{node.op} in {owner}"
             if node.op in PRUNABLE_OP_TYPES:
                 weight = _weight_name(node)
-                found.append(
-                    SkippedCandidate(
-                        label,
-                        node.op,
-                        f"inside a subgraph of {owner}: ONNX Runtime cannot return a subgraph's tensors, "
-                        "so its inputs cannot be captured for calibration",
-                        weight,
+                if owner.startswith("If node"):
+                    reason = (
+                        f"inside a subgraph of {owner}: `prune` calibrates it on a copy with the branch "
+                        "inlined when every calibration batch takes that branch (inspect has no data)"
                     )
-                )
+                else:
+                    reason = (
+                        f"inside a subgraph of {owner}: ONNX Runtime cannot return a subgraph's tensors, "
+                        "so its inputs cannot be captured for calibration"
+                    )
+                found.append(SkippedCandidate(label, node.op, reason, weight))
             for value in node.attrs.values():
                 for sub in value if isinstance(value, list) else [value]:
                     if isinstance(sub, gs.Graph):

@@ -215,7 +215,7 @@ class ChainStep:
     """
 
     op: str
-    """Identity, Transpose, Reshape, Cast or DequantizeLinear."""
+    """Identity, Transpose, Reshape, Squeeze, Unsqueeze, Cast or DequantizeLinear."""
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: str

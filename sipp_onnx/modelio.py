@@ -206,14 +206,35 @@ def external_tensor_names(model: onnx.ModelProto) -> frozenset[str]:
 
 
 def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
-    """Top-level initializers and `Constant` node values, by tensor name."""
-    tensors = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
+    """Initializers and `Constant` node values by tensor name, those of subgraphs included (a
+    layer inside an If branch is pruned in place: see branches.py). Names are unique across
+    scopes (ONNX forbids a subgraph to shadow an outer name); top-level tensors win regardless."""
+    tensors: dict[str, onnx.TensorProto] = {}
+
+    def walk(graph: onnx.GraphProto, top: bool) -> None:
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g, False)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        walk(sub, False)
+        if not top:
+            _collect(graph, tensors)
+
+    walk(model.graph, True)
+    _collect(model.graph, tensors)
+    return tensors
+
+
+def _collect(graph: onnx.GraphProto, tensors: dict[str, onnx.TensorProto]) -> None:
+    """`graph`'s own initializers and Constant values into `tensors` (overwriting)."""
+    tensors.update((t.name, t) for t in graph.initializer)
+    for node in graph.node:
         if node.op_type == "Constant" and node.output:
             for attr in node.attribute:
                 if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
                     tensors[node.output[0]] = attr.t
-    return tensors
 
 
 def read_tensor(tensor: onnx.TensorProto, base_dir: str | Path | None = None) -> np.ndarray:

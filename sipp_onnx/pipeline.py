@@ -19,11 +19,12 @@ import onnx
 import onnxruntime as ort
 
 from . import __version__
+from .branches import BranchPlan, calibration_model, candidate_count, on_model, plan_branches
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
-from .discover import discover
+from .discover import SUBGRAPH_OF_IF, discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
 from .layers import Discovery, Layer, PrunableWeight, from_rows, to_rows
 from .maxtimes import kernel as max_times_kernel
@@ -164,7 +165,12 @@ def _named_outputs(proto: onnx.ModelProto, found: Discovery) -> Iterator[None]:
     renamed = []
     for layer in found.layers:
         if layer.recurrent is not None and layer.recurrent.name_output:
-            node = proto.graph.node[layer.index]
+            # Found by what it reads (node indices differ in a calibration copy with inlined Ifs).
+            node = next(
+                n
+                for n in proto.graph.node
+                if n.op_type == layer.op_type and len(n.input) > 2 and n.input[2] == layer.weight
+            )
             if not node.output:
                 node.output.append("")
             renamed.append((node, node.output[0]))
@@ -239,6 +245,8 @@ class Prepared:
     mask_input: str | None = None
     size_before: FileSize | None = None
     """The input model on disk and compressed."""
+    branches: BranchPlan | None = None
+    """If branches inlined for calibration (see branches.py)."""
 
     @property
     def base_dir(self) -> Path | None:
@@ -300,15 +308,21 @@ def prepare(
     if not proto.graph.output:
         raise ModelError("the model has no graph outputs (nothing to run or to check)")
     found = discover(proto, config.op_types, config.exclude)
-    if not found.weights:
+    in_branches = candidate_count(proto.graph)
+    if not found.weights and not in_branches:
         raise NoPrunableLayersError(_no_layers_message(found))
     inputs = model_inputs(proto)
     data = open_calibration(calibration, inputs, config.max_samples, dict(config.batch_axes))
     mask_input = resolve_mask_input(inputs, config.mask_input)
     if mask_input is not None and config.mask_input == "auto":
         log.info("padding mask: input %r (tokens where it is 0 are not calibration points)", mask_input)
-    protos = tensor_protos(proto)
     base_dir = model_path.parent if model_path is not None else None
+    branches = None
+    if in_branches:
+        branches, found = _resolve_branches(proto, found, data, config, base_dir)
+        if not found.weights:
+            raise NoPrunableLayersError(_no_layers_message(found))
+    protos = tensor_protos(proto)
     timings = {"load": time.perf_counter() - t0}
 
     want_sens = sensitivity if sensitivity is not None else config.method.value.startswith("sipp")
@@ -327,7 +341,17 @@ def prepare(
         if want_sens:
             weights = _read_weights(found, protos, base_dir, timings)
         stats, captured = _calibrate(
-            proto, found, weights, data, config, progress, want_sens, want_gram, mask_input, base_dir
+            proto,
+            found,
+            weights,
+            data,
+            config,
+            progress,
+            want_sens,
+            want_gram,
+            mask_input,
+            base_dir,
+            branches=branches,
         )
         timings["session"] = captured.session_seconds
         timings["capture"] = captured.run_seconds
@@ -372,7 +396,27 @@ def prepare(
         timings,
         mask_input,
         size_before,
+        branches,
     )
+
+
+def _resolve_branches(
+    proto: onnx.ModelProto,
+    found: Discovery,
+    data: CalibrationData,
+    config: PruneConfig,
+    base_dir: Path | None,
+) -> tuple[BranchPlan | None, Discovery]:
+    """Plan the If branches the calibration data takes (see branches.py) and discover the layers
+    of the calibration copy, restated for `proto`."""
+    plan = plan_branches(proto, lambda: data.batches(config.batch_size), config.provider, base_dir)
+    for line in plan.describe():
+        log.info("%s", line)
+    generic = [s for s in found.skipped if not s.reason.startswith(SUBGRAPH_OF_IF)]
+    if not plan.steps:
+        return None, Discovery(found.weights, (*generic, *plan.skipped))
+    inlined = discover(calibration_model(proto, plan), config.op_types, config.exclude)
+    return plan, on_model(inlined, plan)
 
 
 def apply(
@@ -536,6 +580,7 @@ def apply(
         timings,
         checks,
         (prepared.size_before, size_after),
+        prepared.branches,
     )
     for check in checks:
         log.info(
@@ -601,10 +646,12 @@ def _calibrate(
     base_dir: Path | None,
     teacher: onnx.ModelProto | None = None,
     paired: dict[str, LayerStatistics] | None = None,
+    branches: BranchPlan | None = None,
 ) -> tuple[dict[str, LayerStatistics], CaptureResult]:
     """One streamed pass over the calibration data; statistics per layer node. With a `teacher`
     (the dense model), `paired` receives, per layer node that `_pairable`, the Gram matrix of its
-    input here concatenated with its input in the teacher (see `_teacher_target`)."""
+    input here concatenated with its input in the teacher (see `_teacher_target`). With
+    `branches`, the pass runs on the calibration copy with those If branches inlined."""
     if gram:
         size = gram_bytes(found)
         if size > 2**30:
@@ -646,6 +693,9 @@ def _calibrate(
                 pair = DenseAccumulator(rows, False, False, "max", terms, True, None, seed)
             pairs.setdefault(layer.input, (1 if layer.conv is not None else -1, []))[1].append(pair)
             pair_nodes[layer.node] = pair
+    if branches is not None and branches.steps:
+        proto = calibration_model(proto, branches)
+        teacher = calibration_model(teacher, branches) if teacher is not None else None
     with _named_outputs(proto, found):
         captured = capture(
             proto,
@@ -765,6 +815,7 @@ def _sequential(
             prepared.base_dir,
             teacher if n > 0 else None,  # the first stage's inputs are the dense model's
             paired,
+            prepared.branches,
         )
         for i in stage:
             w = found.weights[i]
@@ -1020,6 +1071,7 @@ def _report(
     timings: dict[str, float],
     checks: list[OutputCheck],
     sizes: tuple[FileSize | None, FileSize | None] = (None, None),
+    branches: BranchPlan | None = None,
 ) -> PruneReport:
     total = sum(layer.params for layer in layers)
     kept = sum(layer.kept for layer in layers)
@@ -1063,6 +1115,7 @@ def _report(
         verification=checks,
         unused_calibration_arrays=data.unused_arrays,
         batch_axes=data.layout,
+        branches=branches.describe() if branches is not None else [],
         warnings=warnings,
         versions={
             "sipp-onnx": __version__,

@@ -127,6 +127,8 @@ class PruneReport:
     batch_axes: dict[str, int | None] = field(default_factory=dict)
     """The calibration inputs whose samples are not on axis 0: their batch axis, or None for a
     constant fed whole with every batch (inferred or from `--batch-axis`)."""
+    branches: list[str] = field(default_factory=list)
+    """One line per If whose branch the calibration data takes (inlined for calibration)."""
     warnings: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     pattern: str = "unstructured"

@@ -64,7 +64,7 @@ def write_weight(
 def _forward(step: ChainStep, values: np.ndarray, protos: dict[str, onnx.TensorProto]) -> np.ndarray:
     if step.op == "Transpose":
         return np.transpose(values, step.perm)
-    if step.op == "Reshape":
+    if step.op in ("Reshape", "Squeeze", "Unsqueeze"):
         return values.reshape(step.out_shape)
     if step.op == "Cast":
         return values.astype(step.out_dtype)
@@ -81,7 +81,7 @@ def _backward(
     """Inverse of `_forward`: `original` is the step's input before pruning (dtype, integers)."""
     if step.op == "Transpose":
         return np.transpose(values, np.argsort(step.perm))
-    if step.op == "Reshape":
+    if step.op in ("Reshape", "Squeeze", "Unsqueeze"):
         return values.reshape(step.in_shape)
     if step.op == "Cast":
         return values.astype(original.dtype)
