@@ -285,3 +285,35 @@ def test_prune_recurrent_model_end_to_end(tmp_path, op, direction, layout, initi
     feed = {k: v[:8] for k, v in calib.items()}
     a, b = sess_a.run(None, feed)[0], sess_b.run(None, feed)[0]
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.6
+
+
+def test_weights_reached_through_unsqueeze_and_squeeze(tmp_path):
+    """Exporters store a one-direction LSTM's weights 2-D and Unsqueeze them (silero-vad): the
+    weight is pruned as the op reads it and written back into the 2-D initializer."""
+    model, weights = recurrent_model("LSTM", "forward", hidden=8, inputs=6, initial_h="none")
+    graph = model.graph
+    for name in ("W", "R"):
+        index = next(i for i, t in enumerate(graph.initializer) if t.name == name)
+        graph.initializer.pop(index)
+        graph.initializer.append(tensor(f"{name}2d", weights[name][0]))
+        graph.initializer.append(tensor(f"{name}_axes", np.array([0]), np.int64))
+        graph.node.insert(
+            0, helper.make_node("Unsqueeze", [f"{name}2d", f"{name}_axes"], [name], name=f"unsq_{name}")
+        )
+    # and a Squeeze -> Unsqueeze round trip on the head's weight
+    head = next(t for t in graph.initializer if t.name == "fc")
+    head_values = onnx.numpy_helper.to_array(head)
+    graph.initializer.remove(head)
+    graph.initializer.append(tensor("fc3d", head_values[None]))
+    graph.initializer.append(tensor("sq_axes", np.array([0]), np.int64))
+    graph.node.insert(0, helper.make_node("Squeeze", ["fc3d", "sq_axes"], ["fc"], name="sq_fc"))
+    onnx.checker.check_model(model, full_check=True)
+    found = discover(model)
+    by_weight = {w.name: w for w in found.weights}
+    assert by_weight["W"].stored_name == "W2d" and by_weight["W"].via == "Unsqueeze"
+    assert by_weight["fc"].stored_name == "fc3d" and by_weight["fc"].via == "Squeeze"
+    calib = {"X": np.random.default_rng(0).normal(size=(32, 7, 6)).astype(np.float32)}
+    result = prune_model(model, calib, PruneConfig(sparsity=0.5, batch_size=8))
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    assert stored["W2d"].shape == (32, 6) and stored["fc3d"].shape == (1, 3, 8)
+    assert 0.2 < float(np.mean(stored["W2d"] == 0)) < 0.9 and float(np.mean(stored["R2d"] == 0)) > 0.2
