@@ -46,7 +46,17 @@ from .layers import (
 from .modelio import np_dtype, read_tensor, tensor_protos
 
 SUPPORTED_DTYPES = ("float32", "float16", "bfloat16", "float64")
-FOLLOWED_OPS = ("Identity", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Cast", "DequantizeLinear")
+FOLLOWED_OPS = (
+    "Identity",
+    "Transpose",
+    "Reshape",
+    "Squeeze",
+    "Unsqueeze",
+    "Cast",
+    "DequantizeLinear",
+    "Concat",
+)
+"""Concat only of Slices of one tensor that cover it exactly once (a gate reordering)."""
 """Ops between a stored constant and a layer's weight that discovery follows (see weightchain)."""
 _FLOAT_DTYPES = SUPPORTED_DTYPES
 
@@ -414,8 +424,23 @@ def _chain_root(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> 
         producers = tensor.inputs
         if not producers or producers[0].op not in FOLLOWED_OPS or not producers[0].inputs:
             return None
-        tensor = producers[0].inputs[0]
+        source = _step_source(producers[0])
+        if source is None:
+            return None
+        tensor = source
     return tensor
+
+
+def _step_source(node: gs.Node) -> gs.Tensor | None:
+    """The tensor a followed op reads: its first input, or for a Concat the one tensor all its
+    inputs are Slices of (None when they are not)."""
+    if node.op != "Concat":
+        return node.inputs[0]
+    slices = [t.inputs[0] if t.inputs else None for t in node.inputs]
+    if not slices or any(s is None or s.op != "Slice" or not s.inputs for s in slices):
+        return None
+    sources = {id(s.inputs[0]) for s in slices if s is not None}
+    return slices[0].inputs[0] if len(sources) == 1 and slices[0] is not None else None
 
 
 def _follow_chain(
@@ -440,10 +465,17 @@ def _follow_chain(
     while tensor is not root:
         node = tensor.inputs[0]
         nodes.append(node)
-        tensor = node.inputs[0]
-        if len(tensor.outputs) != 1 or tensor.name in graph_outputs:
+        source = _step_source(node)
+        assert source is not None  # _chain_root found the way
+        # Only the chain reads what it passes through (a Concat's Slices: the Slices themselves).
+        readers = [source] if node.op != "Concat" else list(node.inputs)
+        shared = [t for t in readers if len(t.outputs) != 1 or t.name in graph_outputs]
+        if node.op == "Concat" and {id(c) for c in source.outputs} != {id(t.inputs[0]) for t in node.inputs}:
+            shared.append(source)
+        tensor = source
+        if shared:
             raise _Rejected(
-                f"weight {weight.name!r} is computed from {root.name!r} through {tensor.name!r}, "
+                f"weight {weight.name!r} is computed from {root.name!r} through {shared[0].name!r}, "
                 "which something else also reads"
             )
     proto = protos.get(root.name)
@@ -484,6 +516,9 @@ def _chain_step(
         return ChainStep("Reshape", shape, _reshaped(node, shape, graph_inputs, sparse, protos), dtype)
     if node.op in ("Squeeze", "Unsqueeze"):
         return ChainStep(node.op, shape, _squeezed(node, shape, graph_inputs, sparse, protos), dtype)
+    if node.op == "Concat":
+        axis, index = _reordering(node, shape, graph_inputs, sparse, protos)
+        return ChainStep("Concat", shape, shape, dtype, axis=axis, index=index)
     if node.op == "Cast":
         to = str(np_dtype(int(node.attrs.get("to", 0))))
         if dtype not in _FLOAT_DTYPES or to not in _FLOAT_DTYPES:
@@ -526,6 +561,43 @@ def _reshaped(
     if any(d < 0 for d in out) or prod(out) != prod(shape):
         raise _Rejected(f"shape {target} does not fit {list(shape)}")
     return tuple(out)
+
+
+def _reordering(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> tuple[int, tuple[int, ...]]:
+    """(axis, order) of a Concat of Slices of one tensor that takes every index along `axis`
+    exactly once: `order[i]` is the source index of output position i (e.g. PyTorch's LSTM gate
+    reordering, i f g o -> i o f g)."""
+    rank = len(shape)
+    axis = int(node.attrs.get("axis", 0)) % rank
+    order: list[int] = []
+    for t in node.inputs:
+        piece = t.inputs[0]
+        args = [
+            [
+                int(v)
+                for v in read_tensor(_small_constant(a, "slice bound", graph_inputs, sparse, protos)).ravel()
+            ]
+            if a.name
+            else None
+            for a in piece.inputs[1:]
+        ]
+        starts, ends = args[0], args[1]
+        axes = args[2] if len(args) > 2 and args[2] is not None else list(range(len(starts or [])))
+        steps = args[3] if len(args) > 3 and args[3] is not None else [1] * len(axes)
+        if starts is None or ends is None or [a % rank for a in axes] != [axis] or steps != [1]:
+            raise _Rejected("a Slice that is not a plain range along the Concat's axis")
+        size = shape[axis]
+        start, end = (min(max(v + size if v < 0 else v, 0), size) for v in (starts[0], ends[0]))
+        order.extend(range(start, end))
+    if sorted(order) != list(range(shape[axis])):
+        raise _Rejected(f"its Slices do not cover axis {axis} of {list(shape)} exactly once")
+    return axis, tuple(order)
 
 
 def _squeezed(

@@ -215,7 +215,8 @@ class ChainStep:
     """
 
     op: str
-    """Identity, Transpose, Reshape, Squeeze, Unsqueeze, Cast or DequantizeLinear."""
+    """Identity, Transpose, Reshape, Squeeze, Unsqueeze, Cast, DequantizeLinear, or Concat (of
+    Slices of the previous tensor that reorder it along one axis)."""
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
     out_dtype: str
@@ -226,7 +227,9 @@ class ChainStep:
     zero_point: str = ""
     """DequantizeLinear: the zero point tensor's name ('' when absent: zero)."""
     axis: int = 1
-    """DequantizeLinear: the axis of a per-channel scale."""
+    """DequantizeLinear: the axis of a per-channel scale; Concat: the axis it reorders."""
+    index: tuple[int, ...] = ()
+    """Concat of Slices (a reordering): the source index of each output position along `axis`."""
     label: str = ""
     """How inspect names the step when it is not a node of the graph (a quantized op's own
     weight dequantization)."""

@@ -1,7 +1,9 @@
 """Weights that reach a layer through ops: read them as the layer sees them, write them back.
 
 Exporters often store a weight in another form than the layer uses: transposed (`Transpose`
-before a MatMul), in half precision (`Cast` to float), reshaped, or quantized (`DequantizeLinear`).
+before a MatMul), in half precision (`Cast` to float), reshaped (`Reshape`, `Squeeze`, `Unsqueeze`),
+quantized (`DequantizeLinear`), or with their rows reordered (a `Concat` of `Slice`s: the gate order
+of an exporter's LSTM).
 Discovery follows such a chain only when every op maps stored elements one to one onto weight
 elements and zero onto zero. Then the weight is pruned in the layer's own coordinates and the
 result is mapped back, op by op in reverse, into the stored tensor: its dtype, shape and
@@ -66,6 +68,8 @@ def _forward(step: ChainStep, values: np.ndarray, protos: dict[str, onnx.TensorP
         return np.transpose(values, step.perm)
     if step.op in ("Reshape", "Squeeze", "Unsqueeze"):
         return values.reshape(step.out_shape)
+    if step.op == "Concat":
+        return np.take(values, step.index, axis=step.axis)
     if step.op == "Cast":
         return values.astype(step.out_dtype)
     if step.op == "DequantizeLinear":
@@ -83,6 +87,8 @@ def _backward(
         return np.transpose(values, np.argsort(step.perm))
     if step.op in ("Reshape", "Squeeze", "Unsqueeze"):
         return values.reshape(step.in_shape)
+    if step.op == "Concat":
+        return np.take(values, np.argsort(step.index), axis=step.axis)
     if step.op == "Cast":
         return values.astype(original.dtype)
     if step.op == "DequantizeLinear":

@@ -317,3 +317,69 @@ def test_weights_reached_through_unsqueeze_and_squeeze(tmp_path):
     stored = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
     assert stored["W2d"].shape == (32, 6) and stored["fc3d"].shape == (1, 3, 8)
     assert 0.2 < float(np.mean(stored["W2d"] == 0)) < 0.9 and float(np.mean(stored["R2d"] == 0)) > 0.2
+
+
+def _reordered(model, name, values, order_blocks):
+    """Store `name` as the rows of `values` in another block order and rebuild it with a Concat
+    of Slices (as PyTorch's LSTM export reorders its gates), then Unsqueeze. The op reads block k
+    as stored block `order_blocks[k]`."""
+    graph = model.graph
+    index = next(i for i, t in enumerate(graph.initializer) if t.name == name)
+    graph.initializer.pop(index)
+    rows = values[0]
+    h = rows.shape[0] // len(order_blocks)
+    inverse = np.argsort(order_blocks)
+    graph.initializer.append(
+        tensor(f"{name}_torch", np.concatenate([rows[b * h : (b + 1) * h] for b in inverse]))
+    )
+    pieces, nodes = [], []
+    for k, block in enumerate(order_blocks):
+        graph.initializer.extend(
+            [
+                tensor(f"{name}_s{k}", np.array([block * h]), np.int64),
+                tensor(f"{name}_e{k}", np.array([(block + 1) * h]), np.int64),
+            ]
+        )
+        nodes.append(
+            helper.make_node("Slice", [f"{name}_torch", f"{name}_s{k}", f"{name}_e{k}"], [f"{name}_p{k}"])
+        )
+        pieces.append(f"{name}_p{k}")
+    graph.initializer.append(tensor(f"{name}_axes", np.array([0]), np.int64))
+    nodes.append(helper.make_node("Concat", pieces, [f"{name}_cat"], axis=0))
+    nodes.append(helper.make_node("Unsqueeze", [f"{name}_cat", f"{name}_axes"], [name]))
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+
+
+def test_weights_reordered_by_a_concat_of_slices():
+    """The oracle: the model whose W is rebuilt from reordered rows prunes exactly like the model
+    that stores W as the LSTM reads it."""
+    plain, weights = recurrent_model("LSTM", "forward", hidden=8, inputs=6, initial_h="none")
+    model, _ = recurrent_model("LSTM", "forward", hidden=8, inputs=6, initial_h="none")
+    _reordered(model, "W", weights["W"], [0, 3, 1, 2])
+    onnx.checker.check_model(model, full_check=True)
+    feed = {"X": np.random.default_rng(1).normal(size=(4, 5, 6)).astype(np.float32)}
+    np.testing.assert_allclose(
+        _run(model, feed, ["Y_h"])["Y_h"], _run(plain, feed, ["Y_h"])["Y_h"], rtol=1e-6
+    )
+    found = discover(model)
+    (w,) = [w for w in found.weights if w.name == "W"]
+    assert w.stored_name == "W_torch" and w.via == "Concat -> Unsqueeze"
+    calib = {"X": np.random.default_rng(0).normal(size=(32, 7, 6)).astype(np.float32)}
+    config = PruneConfig(sparsity=0.5, batch_size=8)
+    a, b = prune_model(model, calib, config), prune_model(plain, calib, config)
+    np.testing.assert_allclose(
+        _run(a.model, feed, ["Y_h"])["Y_h"], _run(b.model, feed, ["Y_h"])["Y_h"], rtol=1e-5, atol=1e-6
+    )
+    stored = {t.name: onnx.numpy_helper.to_array(t) for t in a.model.graph.initializer}
+    assert float(np.mean(stored["W_torch"] == 0)) > 0.2
+
+
+def test_concat_of_slices_that_do_not_cover_the_tensor_is_not_followed():
+    model, weights = recurrent_model("LSTM", "forward", hidden=8, inputs=6, initial_h="none")
+    _reordered(model, "W", weights["W"], [0, 3, 1, 2])
+    end = next(t for t in model.graph.initializer if t.name == "W_e0")
+    end.CopyFrom(tensor("W_e0", np.array([4]), np.int64))  # a hole in the first block
+    found = discover(model)
+    (skip,) = [s for s in found.skipped if s.node == "rnn/W"]
+    assert "exactly once" in skip.reason
