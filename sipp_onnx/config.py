@@ -113,10 +113,12 @@ PRUNABLE_OP_TYPES: tuple[str, ...] = (
     "QLinearConv",
     "QLinearMatMul",
     "QGemm",
+    "DynamicQuantizeLSTM",
 )
-"""The `--op-types` vocabulary. The quantized ops (the last five; QGemm is com.microsoft's) are
-pruned through their dequantized weights and inputs, under their own names (see discover)."""
-RECURRENT_OP_TYPES: tuple[str, ...] = ("LSTM", "GRU", "RNN")
+"""The `--op-types` vocabulary. The quantized ops (the last six; QGemm and DynamicQuantizeLSTM are
+com.microsoft's) are pruned through their dequantized weights and inputs, under their own names
+(see discover)."""
+RECURRENT_OP_TYPES: tuple[str, ...] = ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
 
 
 def exclude_patterns(patterns: Iterable[str]) -> tuple[str, ...]:

@@ -326,7 +326,7 @@ def _weight_slots(node: gs.Node, graph_inputs: set[str], sparse: set[str]) -> tu
     return (1, 2) if node.op in RECURRENT_OP_TYPES else (_weight_slot(node, graph_inputs, sparse),)
 
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}
 RECURRENT_REFIT_PROBLEM = (
     "recurrent weights: mask and bias refit only (their inputs h_{t-1} are the op's own outputs, "
     "which a least-squares refit to the calibration states would change)"
@@ -353,11 +353,14 @@ def _recurrent_layer(
     if len(node.inputs) <= slot or not node.inputs[0].name or not node.inputs[slot].name:
         raise _Rejected("missing an operand")
     weight = node.inputs[slot]
-    chain = _follow_chain(weight, graph_inputs, graph_outputs, sparse, protos)
-    problem = "" if chain is not None else _constant_source(weight, graph_inputs, sparse)
-    if problem:
-        raise _Rejected(problem)
-    shape = _weight_shape(weight, chain, protos, chains)
+    if node.op == "DynamicQuantizeLSTM":
+        shape = _quantized_recurrent_weight(node, slot, graph_inputs, sparse, protos, chains)
+    else:
+        chain = _follow_chain(weight, graph_inputs, graph_outputs, sparse, protos)
+        problem = "" if chain is not None else _constant_source(weight, graph_inputs, sparse)
+        if problem:
+            raise _Rejected(problem)
+        shape = _weight_shape(weight, chain, protos, chains)
     attrs = node.attrs
     direction = attrs.get("direction", "forward")
     if isinstance(direction, bytes):
@@ -416,6 +419,52 @@ def _recurrent_layer(
     return Layer(
         label, node.op, weight.name, act, shape, WeightLayout.STACKED, recurrent=geom, weight_input=slot
     )
+
+
+def _quantized_recurrent_weight(
+    node: gs.Node,
+    slot: int,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+    chains: dict[str, tuple[str, tuple[ChainStep, ...]]],
+) -> tuple[int, ...]:
+    """com.microsoft DynamicQuantizeLSTM stores W `[dirs, input, 4H]` and R `[dirs, H, 4H]` as
+    int8 with a scale and zero point per direction (inputs 8-11); its X, states and outputs are
+    float. Read as `(w - zp) * scale`, transposed to the LSTM's `[dirs, 4H, K]` (the chain's
+    steps), it is an LSTM weight: pruned entries are written back as the zero point."""
+    weight = node.inputs[slot]
+    problem = _constant_source(weight, graph_inputs, sparse)
+    if problem:
+        raise _Rejected(problem)
+    proto = protos.get(weight.name)
+    if proto is None:
+        raise _Rejected(f"weight {weight.name!r} has no tensor value")
+    dtype = str(np_dtype(proto.data_type))
+    shape = tuple(int(d) for d in proto.dims)
+    if dtype not in _INT8 or len(shape) != 3:
+        raise _Rejected(f"weight of dtype {dtype} and shape {list(shape)} (int8 [dirs, K, 4H] expected)")
+    first = 8 if slot == 1 else 10
+    names = []
+    for index, what in ((first, "scale"), (first + 1, "zero point")):
+        tensor = _input(node, index)
+        if tensor is None:
+            if what == "scale":
+                raise _Rejected("no weight scale")
+            names.append("")
+            continue
+        values = _small_constant(tensor, what, graph_inputs, sparse, protos)
+        if tuple(int(d) for d in values.dims) not in ((), (1,), (shape[0],)):
+            raise _Rejected(f"{what} of shape {list(values.dims)} (per-direction values are followed)")
+        names.append(tensor.name)
+    scale_dtype = str(np_dtype(protos[names[0]].data_type))
+    transposed = (shape[0], shape[2], shape[1])
+    steps = (
+        ChainStep("DequantizeLinear", shape, shape, scale_dtype, scale=names[0], zero_point=names[1], axis=0),
+        ChainStep("Transpose", shape, transposed, scale_dtype, perm=(0, 2, 1)),
+    )
+    chains[weight.name] = (weight.name, steps)
+    return transposed
 
 
 def _chain_root(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> gs.Tensor | None:
@@ -948,7 +997,6 @@ QUANTIZED_OPS: dict[str, _QuantSpec] = {
 }
 
 UNSUPPORTED_QUANTIZED: dict[str, str] = {
-    "DynamicQuantizeLSTM": "its int8 weights are packed per gate and direction (not pruned)",
     "QAttention": "its packed int8 QKV weight has no single input per output (not pruned)",
     "DynamicQuantizeMatMul": "a fused dynamic-quantization MatMul (not pruned yet)",
     "MatMulIntegerToFloat": "a fused integer MatMul with float output (not pruned yet)",
@@ -967,6 +1015,8 @@ _INT8 = ("int8", "uint8")
 def _foreign_domain(node: gs.Node) -> bool:
     """A node named like a prunable op but from another domain than that op's."""
     spec = QUANTIZED_OPS.get(node.op)
+    if node.op == "DynamicQuantizeLSTM":
+        return (node.domain or "") != "com.microsoft"
     want = (spec.domain,) if spec is not None and spec.domain else _DEFAULT_DOMAINS
     return (node.domain or "") not in want
 

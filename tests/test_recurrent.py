@@ -383,3 +383,57 @@ def test_concat_of_slices_that_do_not_cover_the_tensor_is_not_followed():
     found = discover(model)
     (skip,) = [s for s in found.skipped if s.node == "rnn/W"]
     assert "exactly once" in skip.reason
+
+
+def _dynamic_lstm(tmp_path):
+    """The bidirectional LSTM model, int8 dynamically quantized by onnxruntime (com.microsoft
+    DynamicQuantizeLSTM, weights `[dirs, K, 4H]` with per-direction scales)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model, _ = recurrent_model("LSTM", "bidirectional", 0, hidden=16, inputs=12, initial_h="none")
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(
+        tmp_path / "f.onnx", tmp_path / "q.onnx", op_types_to_quantize=["LSTM"], weight_type=QuantType.QInt8
+    )
+    return onnx.load(tmp_path / "q.onnx")
+
+
+def test_dynamic_quantize_lstm_prunes_like_its_dequantized_twin(tmp_path):
+    quantized = _dynamic_lstm(tmp_path)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    found = discover(quantized)
+    by_weight = {layer.weight: layer for layer in found.layers}
+    assert by_weight["W_quantized"].node.endswith("/W") and by_weight["R_quantized"].weight_input == 2
+    assert by_weight["W_quantized"].weight_shape == (2, 64, 12)
+    # The float twin holds exactly the dequantized weights, in the LSTM's layout.
+    dequant = {
+        name: (
+            (values[f"{name}_quantized"].astype(np.float64) - values[f"{name}_zero_point"][:, None, None])
+            * values[f"{name}_scale"][:, None, None]
+        ).transpose(0, 2, 1)
+        for name in ("W", "R")
+    }
+    twin, _ = recurrent_model("LSTM", "bidirectional", 0, hidden=16, inputs=12, initial_h="none")
+    for t in twin.graph.initializer:
+        if t.name in dequant:
+            t.CopyFrom(tensor(t.name, dequant[t.name]))
+        if t.name == "B":
+            t.CopyFrom(tensor("B", values["B"]))
+    calib = {"X": np.random.default_rng(0).normal(size=(32, 7, 12)).astype(np.float32)}
+    config = PruneConfig(sparsity=0.5, batch_size=8, refit="none")
+    q = prune_model(quantized, calib, config)
+    f = prune_model(twin, calib, config)
+    pruned_q = {t.name: onnx.numpy_helper.to_array(t) for t in q.model.graph.initializer}
+    pruned_f = {t.name: onnx.numpy_helper.to_array(t) for t in f.model.graph.initializer}
+    for name in ("W", "R"):
+        kept_q = pruned_q[f"{name}_quantized"] != values[f"{name}_zero_point"][:, None, None]
+        differ = np.mean(kept_q.transpose(0, 2, 1) != (pruned_f[name] != 0))
+        # W reads the same float X in both; R reads states the int8 op computed (it quantizes x
+        # and h on the fly), a hair away from the float twin's: a few near-ties may flip.
+        assert differ == 0 if name == "W" else differ < 0.01, (name, differ)
+        unchanged = np.where(kept_q, pruned_q[f"{name}_quantized"], values[f"{name}_quantized"])
+        np.testing.assert_array_equal(unchanged, values[f"{name}_quantized"])  # kept integers kept
+    # with the default refit the model still runs and stays close
+    result = prune_model(quantized, calib, PruneConfig(sparsity=0.5, batch_size=8))
+    onnx.checker.check_model(result.model)
+    assert all(check.cosine > 0.9 for check in result.report.verification)

