@@ -1211,8 +1211,12 @@ def _weight_parameter(
 
 
 def _output_mul(node: gs.Node) -> gs.Node | None:
-    """The Mul that scales an integer op's output: op -> Cast (to float) -> Mul, else None."""
-    casts = node.outputs[0].outputs
+    """The Mul that scales an integer op's output: op -> Cast (to float) -> Mul, else None.
+    Older quantize_dynamic versions add the int32 bias first: op -> Add -> Cast -> Mul."""
+    out = node.outputs[0]
+    if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+        out = out.outputs[0].outputs[0]
+    casts = out.outputs
     if len(casts) != 1 or casts[0].op != "Cast":
         return None
     muls = casts[0].outputs[0].outputs
@@ -1233,7 +1237,7 @@ def _scale_after(
     mul = _output_mul(node)
     if mul is None:
         return ""
-    cast_out = node.outputs[0].outputs[0].outputs[0]
+    cast_out = next(t for t in mul.inputs if t.inputs and t.inputs[0].op == "Cast")
     factor = mul.inputs[1] if mul.inputs[0] is cast_out else mul.inputs[0]
     product = factor.inputs[0] if factor.inputs else None
     if product is None or product.op != "Mul" or len(product.inputs) != 2:

@@ -3,6 +3,10 @@
 
     python tools/fetch_benchmark_models.py          # once: bench_models/captcha.onnx, ...
     python tools/bench_recurrent.py [--models-dir bench_models] [--sparsities 0.5,0.7,0.85]
+    python tools/bench_recurrent.py --model captcha_int8 --methods sipp-det,magnitude
+
+`captcha_int8` is the package's older model, int8 dynamically quantized (ConvInteger,
+MatMulInteger, com.microsoft DynamicQuantizeLSTM), pruned through its dequantized view.
 
 Labelled captchas are rendered here (4 characters of a confusable-free alphabet, Pillow's default
 scalable font, random size, rotation, offsets, lines and noise; 64 x 160 grayscale; fixed seed):
@@ -31,13 +35,17 @@ ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
 WIDTH, HEIGHT = 160, 64
 
 
-def charset(path: Path) -> list[str]:
-    """CHARSET_BETA from the package's charsets.py, read with ast (never executed)."""
+MODELS = {"captcha": "CHARSET_BETA", "captcha_int8": "CHARSET_OLD"}
+"""Model file stem -> the character set its outputs index (ddddocr's `beta` and `old` models)."""
+
+
+def charset(path: Path, name: str) -> list[str]:
+    """A character set from the package's charsets.py, read with ast (never executed)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "CHARSET_BETA" for t in node.targets):
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
             return list(ast.literal_eval(node.value))
-    raise ValueError(f"{path}: no CHARSET_BETA")
+    raise ValueError(f"{path}: no {name}")
 
 
 def render(text: str, rng: np.random.Generator) -> np.ndarray:
@@ -89,14 +97,15 @@ def read_all(model: str | Path | bytes, images: np.ndarray, chars: list[str]) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models-dir", type=Path, default=Path("bench_models"))
+    parser.add_argument("--model", choices=sorted(MODELS), default="captcha")
     parser.add_argument("--sparsities", default="0.5,0.7,0.85")
     parser.add_argument("--methods", default="sipp-det,sipp-det+R-refit,magnitude,wanda")
     args = parser.parse_args(argv)
-    model = args.models_dir / "captcha.onnx"
+    model = args.models_dir / f"{args.model}.onnx"
     if not model.exists():
         print(f"error: {model} is missing; run tools/fetch_benchmark_models.py first", file=sys.stderr)
         return 1
-    chars = charset(args.models_dir / "captcha_charsets.py")
+    chars = charset(args.models_dir / "captcha_charsets.py", MODELS[args.model])
     images, texts = captchas(256)
     calib, test, labels = images[:128], images[128:], texts[128:]
     dense, _ = read_all(str(model), test, chars)
