@@ -437,3 +437,23 @@ def test_dynamic_quantize_lstm_prunes_like_its_dequantized_twin(tmp_path):
     result = prune_model(quantized, calib, PruneConfig(sparsity=0.5, batch_size=8))
     onnx.checker.check_model(result.model)
     assert all(check.cosine > 0.9 for check in result.report.verification)
+
+
+def test_two_of_four_along_the_input_axis_of_w_and_r():
+    """N:M groups of a recurrent weight run along its input axis (the rows' K); the checker,
+    which reads the weights back from the file as the op does, confirms every group."""
+    from sipp_onnx.checking import check_pattern
+    from sipp_onnx.pattern import parse_pattern
+
+    model, _ = recurrent_model("LSTM", "bidirectional", 0, hidden=16, inputs=12, initial_h="none")
+    calib = {"X": np.random.default_rng(0).normal(size=(32, 7, 12)).astype(np.float32)}
+    result = prune_model(model, calib, PruneConfig(pattern="2:4", batch_size=8))
+    assert {layer.weight: layer.pattern for layer in result.report.layers} == {
+        "W": "2:4",
+        "R": "2:4",
+        "fc": "2:4",
+    }
+    report = check_pattern(result.model, parse_pattern("2:4"))
+    assert {c.weight for c in report.complying} == {"W", "R", "fc"} and not report.violating
+    w = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "W"))
+    assert (np.count_nonzero(w.reshape(2, 64, 3, 4), axis=-1) <= 2).all()  # along the 12 inputs
