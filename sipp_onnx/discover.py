@@ -389,6 +389,7 @@ def _recurrent_layer(
             "which no tensor of the graph holds (the input weights W are pruned)"
         )
     initial_h = node.inputs[5].name if len(node.inputs) > 5 else ""
+    lens = node.inputs[4].name if len(node.inputs) > 4 else ""
     geom = RecurrentGeometry(
         op=node.op,
         directions=dirs,
@@ -398,6 +399,8 @@ def _recurrent_layer(
         layout=layout,
         hidden=slot == 2,
         initial_h=initial_h,
+        sequence_lens=lens,
+        sequence_lens_constant=bool(lens) and _is_constant(node.inputs[4], graph_inputs, sparse),
     )
     act = node.inputs[0].name
     if slot == 2:

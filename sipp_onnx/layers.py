@@ -79,6 +79,9 @@ class RecurrentGeometry:
     """`initial_h` is a constant (read from the model, not captured)."""
     name_output: bool = False
     """R only: the op's Y output is unnamed (unused), so the calibration copy names it."""
+    sequence_lens: str = ""
+    """The `sequence_lens` input ('' when absent: every sequence runs all steps)."""
+    sequence_lens_constant: bool = False
 
 
 @dataclass(frozen=True)

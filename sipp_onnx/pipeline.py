@@ -122,9 +122,11 @@ def _accumulator(
     sensitivity: bool,
     gram: bool,
     samples: int,
-    initial_h: np.ndarray | None = None,
+    constants: Mapping[str, np.ndarray] | None = None,
 ) -> LayerAccumulator:
-    """The accumulator of one layer; `initial_h`: a recurrent R's constant initial state."""
+    """The accumulator of one layer; `constants`: a recurrent layer's constant `initial_h` and
+    `sequence_lens`."""
+    constants = constants or {}
     rows = to_rows(weight, layer.layout, groups=layer.groups)
     reduction, terms, seed = config.reduction.value, config.terms.value, config.seed
     cap = None if config.max_points is None else max(1, math.ceil(config.max_points / max(samples, 1)))
@@ -132,12 +134,22 @@ def _accumulator(
         return ConvAccumulator(rows, layer.conv, reduction, sensitivity, terms, gram, cap, seed)
     if layer.recurrent is not None and layer.recurrent.hidden:
         return HiddenStateAccumulator(
-            rows, layer.recurrent, initial_h, reduction, sensitivity, terms, gram, cap, seed
+            rows,
+            layer.recurrent,
+            constants.get("initial_h"),
+            reduction,
+            sensitivity,
+            terms,
+            gram,
+            cap,
+            seed,
+            constants.get("sequence_lens"),
         )
     if layer.recurrent is not None:
         return SequenceInputAccumulator(
             rows,
             layer.recurrent,
+            constants.get("sequence_lens"),
             compute_sensitivity=sensitivity,
             reduction=reduction,
             terms=terms,
@@ -150,11 +162,32 @@ def _accumulator(
     )
 
 
+def _constants(
+    layer: Layer, protos: Mapping[str, onnx.TensorProto], base_dir: Path | None
+) -> dict[str, np.ndarray]:
+    """A recurrent layer's `initial_h` and `sequence_lens` where they are constants of the model."""
+    geom = layer.recurrent
+    if geom is None:
+        return {}
+    out = {}
+    if geom.initial_h and geom.initial_h_constant:
+        out["initial_h"] = read_tensor(protos[geom.initial_h], base_dir)
+    if geom.sequence_lens and geom.sequence_lens_constant:
+        out["sequence_lens"] = read_tensor(protos[geom.sequence_lens], base_dir)
+    return out
+
+
 def _feeds(layer: Layer, acc: LayerAccumulator) -> dict[str, Accumulator]:
     """Captured tensor name -> what receives it, for one layer's accumulator."""
-    if isinstance(acc, HiddenStateAccumulator):
-        assert layer.recurrent is not None
-        names = {"Y": layer.input, "initial_h": layer.recurrent.initial_h}
+    if isinstance(acc, HiddenStateAccumulator | SequenceInputAccumulator):
+        geom = layer.recurrent
+        assert geom is not None
+        names = {
+            "x": layer.input,
+            "Y": layer.input,
+            "initial_h": geom.initial_h,
+            "sequence_lens": geom.sequence_lens,
+        }
         return {names[kind]: feeder for kind, feeder in acc.feeders().items()}
     return {layer.input: acc}
 
@@ -667,9 +700,9 @@ def _calibrate(
         # Without sensitivities only the weight's shape matters: a zero-strided stand-in.
         values = weights[w.name] if sensitivity else np.broadcast_to(np.float32(0), w.shape)
         for layer in w.layers:
-            geom = layer.recurrent
-            h0 = read_tensor(protos[geom.initial_h], base_dir) if geom and geom.initial_h_constant else None
-            acc = _accumulator(layer, values, config, sensitivity, gram, data.samples, h0)
+            acc = _accumulator(
+                layer, values, config, sensitivity, gram, data.samples, _constants(layer, protos, base_dir)
+            )
             for name, feeder in _feeds(layer, acc).items():
                 fed: Accumulator | Dequantized = (
                     feeder if layer.input_quant is None else dequantized(feeder, layer.input_quant, protos)

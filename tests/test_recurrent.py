@@ -154,7 +154,7 @@ def test_hidden_state_points_match_the_recurrence(op, direction, layout):
         y, h0_op = y.transpose(2, 0, 1, 3), feed["h0"]
     else:
         h0_op = h0
-    points = hidden_state_points(y, h0_op, r_layer.recurrent)  # [B, dirs, H, T]
+    points, _ = hidden_state_points(y, h0_op, r_layer.recurrent)  # [B, dirs, H, T]
     expected = naive_recurrence(op, x, weights["W"], weights["R"], weights["B"], h0, direction)
     for d in range(dirs):
         got = sorted(map(tuple, np.round(points[:, d].transpose(0, 2, 1).reshape(-1, 6), 4)))
@@ -457,3 +457,78 @@ def test_two_of_four_along_the_input_axis_of_w_and_r():
     assert {c.weight for c in report.complying} == {"W", "R", "fc"} and not report.violating
     w = onnx.numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "W"))
     assert (np.count_nonzero(w.reshape(2, 64, 3, 4), axis=-1) <= 2).all()  # along the 12 inputs
+
+
+def _with_lengths(model):
+    """The model with a `lens` int32 graph input wired to the op's sequence_lens."""
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input[4] = "lens"
+    model.graph.input.append(value("lens", ["batch"], onnx.TensorProto.INT32))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+def test_sequence_lengths_points_are_the_steps_each_sequence_computes(op):
+    """ONNX: a sequence of length L computes steps 0..L-1 (the reverse direction from L-1,
+    starting at initial_h); Y is 0 beyond. The points are exactly those of a naive recurrence run
+    on each sequence alone, and the steps beyond L are no points at all."""
+    model, weights = recurrent_model(op, "bidirectional", 0, hidden=6, inputs=5)
+    model = _with_lengths(model)
+    (r_layer,) = [layer for layer in discover(model).layers if layer.weight == "R"]
+    assert r_layer.recurrent.sequence_lens == "lens"
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 3, 5)).astype(np.float32)  # [T, B, I]
+    h0 = rng.normal(size=(2, 3, 6)).astype(np.float32)
+    lens = np.array([7, 4, 1], dtype=np.int32)
+    feed = {"X": x.swapaxes(0, 1).copy(), "h0": h0.swapaxes(0, 1).copy(), "lens": lens}
+    y = _run(model, feed, ["Y"])["Y"]
+    points, mask = hidden_state_points(y, h0, r_layer.recurrent, lens)
+    np.testing.assert_array_equal(mask, np.arange(7)[None] < lens[:, None])
+    for b, length in enumerate(lens):
+        expected = naive_recurrence(
+            op,
+            x[:length, b : b + 1],
+            weights["W"],
+            weights["R"],
+            weights["B"],
+            h0[:, b : b + 1],
+            "bidirectional",
+        )
+        for d in range(2):
+            seen = np.concatenate(expected[d])  # in processing order
+            at_step = seen if d == 0 else seen[::-1]  # the point of step t
+            np.testing.assert_allclose(points[b, d, :, :length].T, at_step, atol=2e-5)
+            assert not points[b, d, :, length:].any()
+    # W's points are the computed steps only; the sensitivities match the definition on them
+    (w_layer,) = [layer for layer in discover(model).layers if layer.weight == "W"]
+    acc = SequenceInputAccumulator(to_rows(weights["W"], w_layer.layout), w_layer.recurrent, terms="signed")
+    feeders = acc.feeders()
+    assert set(feeders) == {"x", "sequence_lens"}
+    feeders["sequence_lens"].update(lens)
+    feeders["x"].update(x)
+    got = acc.result()
+    samples = [x[:length, b] for b, length in enumerate(lens)]
+    np.testing.assert_allclose(
+        got.sensitivity,
+        naive_dense_sensitivity(to_rows(weights["W"], WeightLayout.STACKED), samples),
+        rtol=1e-4,
+        atol=1e-6,
+    )
+    assert got.points == int(lens.sum())
+
+
+def test_prune_with_sequence_lengths_end_to_end():
+    model, _ = recurrent_model("GRU", "bidirectional", 0, hidden=16, inputs=12)
+    model = _with_lengths(model)
+    rng = np.random.default_rng(2)
+    calib = {
+        "X": rng.normal(size=(32, 9, 12)).astype(np.float32),
+        "h0": rng.normal(size=(32, 2, 16)).astype(np.float32) * 0.1,
+        "lens": rng.integers(1, 10, size=32).astype(np.int32),
+    }
+    result = prune_model(model, calib, PruneConfig(sparsity=0.5, batch_size=8))
+    assert result.report.sparsity_achieved == pytest.approx(0.5, abs=0.005)
+    assert all(check.cosine > 0.9 for check in result.report.verification)
