@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .. import __version__
+from ..branches import candidate_count
 from ..calibration import open_calibration
 from ..capture import Accumulator, CaptureResult, capture
 from ..config import BatchAxisItems, Provider, batch_axis_items, exclude_patterns
@@ -218,7 +219,13 @@ def prepare_structured(
     size_before: FileSize | None = files_size(model_files(proto, model_path))
     plan = structured_plan(proto, base_dir, config.exclude)
     if not any(g.prunable for g in plan.groups):
-        raise NoPrunableLayersError(no_groups_message(plan))
+        message = no_groups_message(plan)
+        if not plan.groups and candidate_count(proto.graph):
+            message += (
+                " at the top level (its layers lie inside If/Loop/Scan subgraphs, which structured "
+                "pruning does not enter; the unstructured `prune` reaches If branches)"
+            )
+        raise NoPrunableLayersError(message)
     inputs = model_inputs(proto)
     data = open_calibration(calibration, inputs, config.max_samples, dict(config.batch_axes))
     mask_input = resolve_mask_input(inputs, config.mask_input)
