@@ -23,6 +23,7 @@ from .branches import BranchPlan, calibration_model, candidate_count, on_model, 
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
+from .census import Census, census
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
 from .discover import SUBGRAPH_OF_IF, discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
@@ -247,6 +248,8 @@ class Prepared:
     """The input model on disk and compressed."""
     branches: BranchPlan | None = None
     """If branches inlined for calibration (see branches.py)."""
+    census: Census | None = None
+    """Where the model's parameters are, the taken If branches' layers counted as prunable."""
 
     @property
     def base_dir(self) -> Path | None:
@@ -397,6 +400,7 @@ def prepare(
         mask_input,
         size_before,
         branches,
+        census(proto, found).summary(),
     )
 
 
@@ -581,6 +585,7 @@ def apply(
         checks,
         (prepared.size_before, size_after),
         prepared.branches,
+        prepared.census,
     )
     for check in checks:
         log.info(
@@ -1072,6 +1077,7 @@ def _report(
     checks: list[OutputCheck],
     sizes: tuple[FileSize | None, FileSize | None] = (None, None),
     branches: BranchPlan | None = None,
+    model_census: Census | None = None,
 ) -> PruneReport:
     total = sum(layer.params for layer in layers)
     kept = sum(layer.kept for layer in layers)
@@ -1116,6 +1122,7 @@ def _report(
         unused_calibration_arrays=data.unused_arrays,
         batch_axes=data.layout,
         branches=branches.describe() if branches is not None else [],
+        census=model_census,
         warnings=warnings,
         versions={
             "sipp-onnx": __version__,
