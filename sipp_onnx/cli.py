@@ -462,6 +462,8 @@ def prune(
             f"(target {report.sparsity_target:.2%}), {report.params_kept:,} of {report.params_total:,} "
             f"prunable weights kept"
         )
+        if report.census is not None:
+            click.echo(report.census.share_line())
         if report.provider:
             calib = f"{report.samples} calibration samples"
             if report.mask_input:

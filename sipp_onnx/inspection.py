@@ -8,6 +8,7 @@ from typing import Any
 
 import onnx
 
+from .census import Census, census
 from .config import PRUNABLE_OP_TYPES
 from .discover import discover
 from .layers import Discovery, Layer
@@ -18,6 +19,8 @@ from .modelio import load_model
 class InspectReport:
     model: str
     discovery: Discovery
+    census: Census | None = None
+    """Where every parameter of the model is (see census.py)."""
 
     @property
     def prunable_params(self) -> int:
@@ -43,12 +46,17 @@ class InspectReport:
                         "conv": _geometry(layer),
                     }
                 )
-        return {
+        out: dict[str, Any] = {
             "model": self.model,
             "prunable_params": self.prunable_params,
             "layers": layers,
             "skipped": [asdict(s) for s in self.discovery.skipped],
         }
+        if self.census is not None:
+            out["params_total"] = self.census.params_total
+            out["prunable_share"] = self.census.prunable_share
+            out["census"] = self.census.to_dict()
+        return out
 
     def format_table(self) -> str:
         rows = [("node", "op", "weight", "shape", "params")]
@@ -64,6 +72,8 @@ class InspectReport:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [f"{len(rows) - 1} prunable layer(s), {self.prunable_params:,} prunable parameters"]
+        if self.census is not None:
+            lines += [*self.census.lines(), ""]
         for i, row in enumerate(rows):
             lines.append(
                 "  ".join(
@@ -90,8 +100,9 @@ def inspect_model(
     op_types: tuple[str, ...] = PRUNABLE_OP_TYPES,
     exclude: tuple[str, ...] = (),
 ) -> InspectReport:
-    """List prunable layers and skipped candidates of a model (path or ModelProto)."""
-    if isinstance(model, onnx.ModelProto):
-        return InspectReport("<in-memory model>", discover(model, op_types, exclude))
-    proto = load_model(model)
-    return InspectReport(str(model), discover(proto, op_types, exclude))
+    """List prunable layers and skipped candidates of a model (path or ModelProto), and where
+    its parameters are."""
+    proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    found = discover(proto, op_types, exclude)
+    name = "<in-memory model>" if isinstance(model, onnx.ModelProto) else str(model)
+    return InspectReport(name, found, census(proto, found))

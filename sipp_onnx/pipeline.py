@@ -23,6 +23,7 @@ from .branches import BranchPlan, calibration_model, candidate_count, on_model, 
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
 from .calibration import CalibrationData, open_calibration
 from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
+from .census import Census, census
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
 from .discover import SUBGRAPH_OF_IF, discover
 from .errors import CalibrationError, ConfigError, ModelError, NoPrunableLayersError
@@ -280,6 +281,8 @@ class Prepared:
     """The input model on disk and compressed."""
     branches: BranchPlan | None = None
     """If branches inlined for calibration (see branches.py)."""
+    census: Census | None = None
+    """Where the model's parameters are, the taken If branches' layers counted as prunable."""
 
     @property
     def base_dir(self) -> Path | None:
@@ -430,6 +433,7 @@ def prepare(
         mask_input,
         size_before,
         branches,
+        census(proto, found).summary(),
     )
 
 
@@ -614,6 +618,7 @@ def apply(
         checks,
         (prepared.size_before, size_after),
         prepared.branches,
+        prepared.census,
     )
     for check in checks:
         log.info(
@@ -1105,6 +1110,7 @@ def _report(
     checks: list[OutputCheck],
     sizes: tuple[FileSize | None, FileSize | None] = (None, None),
     branches: BranchPlan | None = None,
+    model_census: Census | None = None,
 ) -> PruneReport:
     total = sum(layer.params for layer in layers)
     kept = sum(layer.kept for layer in layers)
@@ -1149,6 +1155,7 @@ def _report(
         unused_calibration_arrays=data.unused_arrays,
         batch_axes=data.layout,
         branches=branches.describe() if branches is not None else [],
+        census=model_census,
         warnings=warnings,
         versions={
             "sipp-onnx": __version__,

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .census import Census
 from .layers import SkippedCandidate
 from .modelio import write_text_atomic
 from .sizes import FileSize
@@ -140,6 +141,9 @@ class PruneReport:
     allocation: str = "global"
     """How the target was split across tensors: global, sipp, error (see budgets.py), or
     'sampling' (sipp-rand/-hybrid's own bound) and 'pattern' (N:M)."""
+    census: Census | None = None
+    """Where the model's parameters are: the prunable share and the kinds of the rest (see
+    census.py; without the per-tensor list, which `sipp-onnx inspect --json` gives)."""
     max_times_kernel: str | None = None
     """Which max-times route measured the sensitivities ('c-avx512', 'c-avx2', 'c-portable' or
     'numpy'; see maxtimes.py); None when no sensitivities were measured."""
