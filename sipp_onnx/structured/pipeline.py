@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from .. import __version__
-from ..calibration import open_calibration
+from ..calibration import CalibrationSource, open_calibration
 from ..capture import Accumulator, CaptureResult, capture
 from ..config import BatchAxisItems, Provider, batch_axis_items, exclude_patterns
 from ..errors import ConfigError, ModelError, NoPrunableLayersError
@@ -183,7 +183,7 @@ class PreparedStructured:
 
 def prune_structured(
     model: str | Path,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: StructuredConfig | None = None,
     *,
     output: str | Path | None = None,
@@ -201,7 +201,7 @@ def prune_structured(
 
 def prepare_structured(
     model: str | Path,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: StructuredConfig,
     progress: Progress | None = None,
     *,
