@@ -24,7 +24,7 @@ import click
 import numpy as np
 
 from . import __version__
-from .calibration import describe_layout, open_calibration
+from .calibration import describe_layout, describe_per_sample, open_calibration
 from .checking import check_pattern
 from .config import (
     PRUNABLE_OP_TYPES,
@@ -471,7 +471,7 @@ def prune(
             if report.recommended_samples:
                 calib += f" (recommended >= {report.recommended_samples})"
             click.echo(f"provider: {report.provider}; {calib}")
-        _echo_layout(report.batch_axes)
+        _echo_layout(report.batch_axes, report.per_sample_inputs)
         for line in report.branches:
             click.echo(line)
         for check in report.verification:
@@ -553,9 +553,10 @@ def _prune_structured(
     click.echo(f"wrote {result.output}")
 
 
-def _echo_layout(batch_axes: dict[str, int | None]) -> None:
-    """One line per calibration input not batched on axis 0 (inferred or --batch-axis)."""
-    for line in describe_layout(batch_axes):
+def _echo_layout(batch_axes: dict[str, int | None], per_sample: dict[str, list[int]] | None = None) -> None:
+    """One line per calibration input not batched on axis 0 (inferred or --batch-axis), and per
+    input given one per sample."""
+    for line in describe_layout(batch_axes) + describe_per_sample(per_sample or {}):
         click.echo(line)
 
 

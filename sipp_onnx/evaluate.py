@@ -8,7 +8,8 @@ for `[N, C]` outputs, the top-1 agreement.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .calibration import BatchAxes, open_calibration
+from .calibration import BatchAxes, CalibrationSource, iter_feeds, open_calibration
 from .config import Provider
 from .errors import CalibrationError, ModelError
 from .modelio import load_model, model_inputs
@@ -54,11 +55,42 @@ class EvalReport:
         return asdict(self)
 
 
-def _read_eval_data(
-    data: str | Path | Mapping[str, np.ndarray], labels_key: str
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+class _LabelledFeeds:
+    """The feeds of an iterable or a reader with their labels (under `key`, `[n]` per feed)
+    taken out, and collected as `open_calibration` reads them."""
+
+    def __init__(self, source: Any, key: str) -> None:
+        self.source, self.key = source, key
+        self.parts: list[np.ndarray] = []
+        self.unlabelled = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for feed in iter_feeds(self.source):
+            if isinstance(feed, Mapping) and self.key in feed:
+                feed = dict(feed)
+                self.parts.append(np.atleast_1d(np.asarray(feed.pop(self.key))))
+            else:
+                self.unlabelled += 1
+            yield feed
+
+    def labels(self) -> np.ndarray | None:
+        if self.parts and self.unlabelled:
+            raise CalibrationError(f"labels {self.key!r} are in some evaluation batches only")
+        return np.concatenate(self.parts) if self.parts else None
+
+
+def _labels_after_open(source: Any, labels: np.ndarray | None) -> np.ndarray | None:
+    return source.labels() if isinstance(source, _LabelledFeeds) else labels
+
+
+def _read_eval_data(data: CalibrationSource, labels_key: str) -> tuple[Any, np.ndarray | None]:
+    """The inputs (arrays, or feeds whose labels are taken out as they are read) and the labels."""
+    if isinstance(data, np.ndarray):
+        return data, None  # open_calibration says what to give instead
     if isinstance(data, Mapping):
         arrays = dict(data)
+    elif not isinstance(data, (str, os.PathLike)):
+        return _LabelledFeeds(data, labels_key), None
     else:
         path = Path(data)
         if not path.is_file() or path.suffix != ".npz":
@@ -162,7 +194,7 @@ class Reference:
     def __init__(
         self,
         model: str | Path | onnx.ModelProto,
-        data: str | Path | Mapping[str, np.ndarray],
+        data: CalibrationSource,
         labels_key: str = "labels",
         output: str | None = None,
         batch_size: int = 256,
@@ -175,6 +207,7 @@ class Reference:
         proto, source = _session_model(model)
         arrays, self.labels = _read_eval_data(data, labels_key)
         self.data = open_calibration(arrays, model_inputs(proto), batch_axes=batch_axes)
+        self.labels = _labels_after_open(arrays, self.labels)
         session, self.provider = make_session(source, provider, base_dir=base_dir)
         self.output = _output_name(session, output)
         self.labels = _check_labels(self.labels, labels_key, self.data.samples)
@@ -230,7 +263,7 @@ def _run(session: Any, name: str, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 def evaluate(
     model: str | Path | onnx.ModelProto,
-    data: str | Path | Mapping[str, np.ndarray],
+    data: CalibrationSource,
     compare: str | Path | onnx.ModelProto | None = None,
     labels_key: str = "labels",
     output: str | None = None,
@@ -241,10 +274,11 @@ def evaluate(
     """Accuracy of `model` (and `compare`) on `data`, and the fidelity of `compare` to `model`.
     Streams: memory holds one batch of outputs, whatever the size of `data`. `data` holds the
     inputs as calibration data does (batch axes inferred, or overridden by `batch_axes`), and
-    labels `[N]` per sample."""
+    labels `[N]` per sample; an iterable of feeds or a reader gives each feed's labels in it."""
     proto, source = _session_model(model)
     arrays, labels = _read_eval_data(data, labels_key)
     calib = open_calibration(arrays, model_inputs(proto), batch_axes=batch_axes)
+    labels = _labels_after_open(arrays, labels)
     session, used = make_session(source, provider)
     other = None
     if compare is not None:

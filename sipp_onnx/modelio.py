@@ -48,6 +48,8 @@ class InputSpec:
     """Fixed dims as int, symbolic dims as their name, unknown dims as None."""
     optional: bool = False
     """True when an initializer of the same name provides a default (IR < 4 style)."""
+    ranked: bool = True
+    """False when the model declares no shape at all (then `shape` is () but the rank unknown)."""
 
     def describe(self) -> str:
         dims = ", ".join("?" if d is None else str(d) for d in self.shape)
@@ -170,7 +172,13 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             else:
                 dims.append(None)
         specs.append(
-            InputSpec(value.name, np_dtype(tensor_type.elem_type), tuple(dims), value.name in initializers)
+            InputSpec(
+                value.name,
+                np_dtype(tensor_type.elem_type),
+                tuple(dims),
+                value.name in initializers,
+                tensor_type.HasField("shape"),
+            )
         )
     return specs
 

@@ -21,7 +21,7 @@ import onnxruntime as ort
 from . import __version__
 from .branches import BranchPlan, calibration_model, candidate_count, on_model, plan_branches
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
-from .calibration import CalibrationData, open_calibration
+from .calibration import CalibrationData, CalibrationSource, open_calibration
 from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
 from .census import Census, census
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
@@ -292,7 +292,7 @@ class Prepared:
 
 def prune_model(
     model: str | Path | onnx.ModelProto,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: PruneConfig | None = None,
     *,
     output: str | Path | None = None,
@@ -303,19 +303,26 @@ def prune_model(
 
     `model` is a path or a loaded ModelProto (which is not modified); `calibration` is a path
     (.npz, .npy, directory) or a mapping input name -> array with samples on the first axis
-    (or the batch axis inferred or given by `config.batch_axes`; see calibration.py).
+    (or the batch axis inferred or given by `config.batch_axes`; see calibration.py), or an
+    iterable of feed dicts / an ONNX Runtime CalibrationDataReader, one batch per feed (copied
+    to a temporary directory for the passes, removed on return).
     Raises a `SippError` subclass for any problem with the inputs.
     """
     config = config or PruneConfig()
     if output is not None and not isinstance(model, onnx.ModelProto):
         check_output_path(Path(model), Path(output), overwrite, False)  # fail before the long part
     prepared = prepare(model, calibration, config, progress)
-    return apply(prepared, config, output=output, overwrite=overwrite, progress=progress, copy_model=False)
+    try:
+        return apply(
+            prepared, config, output=output, overwrite=overwrite, progress=progress, copy_model=False
+        )
+    finally:
+        prepared.data.close()
 
 
 def prepare(
     model: str | Path | onnx.ModelProto,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: PruneConfig,
     progress: Progress | None = None,
     *,
@@ -1154,6 +1161,7 @@ def _report(
         verification=checks,
         unused_calibration_arrays=data.unused_arrays,
         batch_axes=data.layout,
+        per_sample_inputs={name: list(shape) for name, shape in data.per_sample.items()},
         branches=branches.describe() if branches is not None else [],
         census=model_census,
         warnings=warnings,

@@ -128,6 +128,9 @@ class PruneReport:
     batch_axes: dict[str, int | None] = field(default_factory=dict)
     """The calibration inputs whose samples are not on axis 0: their batch axis, or None for a
     constant fed whole with every batch (inferred or from `--batch-axis`)."""
+    per_sample_inputs: dict[str, list[int]] = field(default_factory=dict)
+    """The calibration inputs given one per sample (array rank = input rank + 1): the shape of
+    one sample's input. Calibration then ran one sample per batch."""
     branches: list[str] = field(default_factory=list)
     """One line per If whose branch the calibration data takes (inlined for calibration)."""
     warnings: list[str] = field(default_factory=list)

@@ -14,14 +14,14 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 
+from .calibration import CalibrationSource
 from .config import Allocation, Method, PruneConfig, Refit
 from .errors import ConfigError
 from .evaluate import Comparison, Reference
@@ -194,8 +194,8 @@ def _metric(comparison: Comparison, metric: str) -> float:
 
 def sweep(
     model: str | Path | onnx.ModelProto,
-    calibration: str | Path | Mapping[str, np.ndarray],
-    evaluation: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
+    evaluation: CalibrationSource,
     variants: Sequence[Variant],
     sparsities: Sequence[float],
     config: PruneConfig | None = None,

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from .. import __version__
 from ..branches import candidate_count
-from ..calibration import open_calibration
+from ..calibration import CalibrationSource, open_calibration
 from ..capture import Accumulator, CaptureResult, capture
 from ..config import BatchAxisItems, Provider, batch_axis_items, exclude_patterns
 from ..errors import ConfigError, ModelError, NoPrunableLayersError
@@ -184,7 +184,7 @@ class PreparedStructured:
 
 def prune_structured(
     model: str | Path,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: StructuredConfig | None = None,
     *,
     output: str | Path | None = None,
@@ -202,7 +202,7 @@ def prune_structured(
 
 def prepare_structured(
     model: str | Path,
-    calibration: str | Path | Mapping[str, np.ndarray],
+    calibration: CalibrationSource,
     config: StructuredConfig,
     progress: Progress | None = None,
     *,
