@@ -220,6 +220,11 @@ def census(model: onnx.ModelProto, found: Discovery) -> Census:
     biases = {
         layer.bias.tensor for w in found.weights for layer in w.layers if layer.bias and layer.bias.tensor
     }
+    # The scales and zero points a pruned weight is read through (DequantizeLinear, a Mul by a
+    # scale): they describe its integers and are kept as they are.
+    chain_params = {
+        name for w in found.weights for step in w.chain for name in (step.scale, step.zero_point) if name
+    }
     by_weight: dict[str, SkippedCandidate] = {}
     by_node: dict[str, SkippedCandidate] = {}
     for s in found.skipped:
@@ -243,6 +248,8 @@ def census(model: onnx.ModelProto, found: Discovery) -> Census:
             continue
         if t.name in biases:
             kind, reason = "bias", "bias of a pruned layer: refitted, not pruned"
+        elif t.name in chain_params:
+            kind, reason = "quantization", "scale or zero point of a pruned weight: kept"
         elif not reads:
             kind, reason = "unused", "a graph output" if t.name in outputs else "read by no node"
         else:

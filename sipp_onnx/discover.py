@@ -55,9 +55,11 @@ FOLLOWED_OPS = (
     "Cast",
     "DequantizeLinear",
     "Concat",
+    "Mul",
 )
-"""Concat only of Slices of one tensor that cover it exactly once (a gate reordering)."""
-"""Ops between a stored constant and a layer's weight that discovery follows (see weightchain)."""
+"""Ops between a stored constant and a layer's weight that discovery follows (see weightchain).
+Concat only of Slices of one tensor that cover it exactly once (a gate reordering); Mul only by
+a constant per-tensor or per-axis scale (weight-only int8 exports: `Cast(int8) * scale`)."""
 _FLOAT_DTYPES = SUPPORTED_DTYPES
 
 
@@ -486,6 +488,11 @@ def _chain_root(tensor: gs.Tensor, graph_inputs: set[str], sparse: set[str]) -> 
 def _step_source(node: gs.Node) -> gs.Tensor | None:
     """The tensor a followed op reads: its first input, or for a Concat the one tensor all its
     inputs are Slices of (None when they are not)."""
+    if node.op == "Mul":
+        if len(node.inputs) != 2:
+            return None
+        first, second = (_literal(t) for t in node.inputs)
+        return node.inputs[0] if second else node.inputs[1] if first else None
     if node.op != "Concat":
         return node.inputs[0]
     slices = [t.inputs[0] if t.inputs else None for t in node.inputs]
@@ -493,6 +500,12 @@ def _step_source(node: gs.Node) -> gs.Tensor | None:
         return None
     sources = {id(s.inputs[0]) for s in slices if s is not None}
     return slices[0].inputs[0] if len(sources) == 1 and slices[0] is not None else None
+
+
+def _literal(tensor: gs.Tensor) -> bool:
+    """Stored in the graph (an initializer or a Constant node's value); graph inputs aside,
+    which `_chain_step` checks when it reads the value."""
+    return isinstance(tensor, gs.Constant) or bool(tensor.inputs and tensor.inputs[0].op == "Constant")
 
 
 def _follow_chain(
@@ -573,9 +586,15 @@ def _chain_step(
         return ChainStep("Concat", shape, shape, dtype, axis=axis, index=index)
     if node.op == "Cast":
         to = str(np_dtype(int(node.attrs.get("to", 0))))
+        if dtype in _INTEGERS and to in _FLOAT_DTYPES:
+            # An integer weight made float (weight-only quantization): a DequantizeLinear with
+            # scale 1 and zero point 0; refitted values are rounded back to the integers.
+            return ChainStep("DequantizeLinear", shape, shape, to, label="Cast")
         if dtype not in _FLOAT_DTYPES or to not in _FLOAT_DTYPES:
-            raise _Rejected(f"a cast from {dtype} to {to} (only casts between float types keep zeros)")
+            raise _Rejected(f"a cast from {dtype} to {to} (only casts to float keep zeros exactly)")
         return ChainStep("Cast", shape, shape, to)
+    if node.op == "Mul":
+        return _scale_step(node, shape, dtype, graph_inputs, sparse, protos)
     return _dequantize_step(node, shape, dtype, graph_inputs, sparse, protos)
 
 
@@ -613,6 +632,37 @@ def _reshaped(
     if any(d < 0 for d in out) or prod(out) != prod(shape):
         raise _Rejected(f"shape {target} does not fit {list(shape)}")
     return tuple(out)
+
+
+_INTEGERS = ("int8", "uint8", "int16", "uint16", "int32", "uint32")
+
+
+def _scale_step(
+    node: gs.Node,
+    shape: tuple[int, ...],
+    dtype: str,
+    graph_inputs: set[str],
+    sparse: set[str],
+    protos: dict[str, onnx.TensorProto],
+) -> ChainStep:
+    """A Mul of the weight by a constant, non-zero, per-tensor or per-axis scale (it broadcasts
+    without growing the weight): one to one, zero onto zero, undone by dividing."""
+    source = _step_source(node)
+    factor = node.inputs[1] if source is node.inputs[0] else node.inputs[0]
+    proto = _small_constant(factor, "scale", graph_inputs, sparse, protos)
+    dims = tuple(int(d) for d in proto.dims)
+    if dtype not in _FLOAT_DTYPES:
+        raise _Rejected(f"a Mul of a {dtype} weight (float weights are followed)")
+    offset = len(shape) - len(dims)
+    if offset < 0 or any(d not in (1, shape[offset + i]) for i, d in enumerate(dims)):
+        raise _Rejected(f"a scale of shape {list(dims)} that does not broadcast onto {list(shape)}")
+    axes = [offset + i for i, d in enumerate(dims) if d != 1]
+    if len(axes) > 1:
+        raise _Rejected(f"a scale of shape {list(dims)} (per-tensor or per-axis scales are followed)")
+    values = read_tensor(proto)
+    if values.dtype.kind != "f" or not np.isfinite(values).all() or (values == 0).any():
+        raise _Rejected("a scale that is not a finite, non-zero float")
+    return ChainStep("Mul", shape, shape, dtype, scale=factor.name, axis=axes[0] if axes else 0)
 
 
 def _reordering(

@@ -70,6 +70,8 @@ def _forward(step: ChainStep, values: np.ndarray, protos: dict[str, onnx.TensorP
         return values.reshape(step.out_shape)
     if step.op == "Concat":
         return np.take(values, step.index, axis=step.axis)
+    if step.op == "Mul":
+        return (values * _factor(step, values.ndim, protos)).astype(values.dtype)
     if step.op == "Cast":
         return values.astype(step.out_dtype)
     if step.op == "DequantizeLinear":
@@ -89,6 +91,9 @@ def _backward(
         return values.reshape(step.in_shape)
     if step.op == "Concat":
         return np.take(values, np.argsort(step.index), axis=step.axis)
+    if step.op == "Mul":  # exact zeros stay zeros; unchanged entries restored bit for bit
+        unscaled = (values.astype(np.float64) / _factor(step, values.ndim, protos)).astype(original.dtype)
+        return np.where(values == _forward(step, original, protos), original, unscaled)
     if step.op == "Cast":
         return values.astype(original.dtype)
     if step.op == "DequantizeLinear":
@@ -129,6 +134,11 @@ def _quantization(
     scale = read_tensor(protos[step.scale]).astype(np.float64) if step.scale else np.ones(())
     zero = read_tensor(protos[step.zero_point]).astype(np.float64) if step.zero_point else np.zeros(())
     return _on_axis(scale, step.axis, ndim), _on_axis(zero, step.axis, ndim)
+
+
+def _factor(step: ChainStep, ndim: int, protos: dict[str, onnx.TensorProto]) -> np.ndarray:
+    """A Mul step's constant scale, shaped to broadcast along its axis."""
+    return _on_axis(read_tensor(protos[step.scale]).astype(np.float64), step.axis, ndim)
 
 
 def _on_axis(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:

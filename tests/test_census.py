@@ -182,12 +182,19 @@ def test_op_types_before_issue_17_leave_lstm_and_conv_transpose_skipped() -> Non
     assert "not selected" in reasons["W"] and "not selected" in reasons["R"]
 
 
-def test_weight_computed_from_constants_counts_as_its_skipped_layer() -> None:
+def test_weight_computed_from_constants_counts_as_its_layer() -> None:
+    """Cast(int8) * scale is followed (tests/test_weight_only_int8.py): the int8 values are
+    prunable, their scale a kept quantization parameter; with the Mul not followed (a float
+    weight times a run-time value), the constant counts with its skipped layer."""
     model = weight_only_int8_model()
     result = _census(model)
     _check_totals(model, result)
-    assert _groups(result) == {"skipped": 31}  # the int8 values and their scale
+    assert _groups(result) == {"prunable": 30, "quantization": 1}
+    model.graph.input.append(value("scale", []))  # now the caller may override the scale
+    del model.graph.initializer[1]
+    result = _census(model)
     skipped = discover(model).skipped
+    assert _groups(result) == {"skipped": 30}
     assert {t.reason for t in result.tensors} == {skipped[0].reason}
 
 
