@@ -32,8 +32,12 @@ from sipp_onnx import CalibrationError, ModelError, PruneConfig, SippError, prun
 
 try:  # tests/ as a plain directory (rootdir-prepend import mode) or as a package
     import builders
+    import kind_builders
 except ImportError:  # pragma: no cover
-    from tests import builders  # type: ignore[no-redef]
+    from tests import (
+        builders,  # type: ignore[no-redef]
+        kind_builders,  # type: ignore[no-redef]
+    )
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow in hostile data
 
@@ -322,6 +326,146 @@ def test_fuzz_model_structure(sample: tuple[str, onnx.ModelProto, list[str]], co
         outdir = folder / "out"
         outdir.mkdir()
         check_prune(model, calib, config, outdir)
+
+
+# ----------------------------------------------------------------------------- new layer kinds
+
+
+def _small_lstm() -> onnx.ModelProto:
+    return kind_builders.recurrent_model("LSTM", "bidirectional", 0, hidden=4, inputs=6, initial_h="none")[0]
+
+
+def _small_gru_with_lengths() -> onnx.ModelProto:
+    """A GRU whose sequence_lens is a constant [N_CALIB] initializer (so the model stays single-input)."""
+    model = kind_builders.recurrent_model("GRU", "reverse", 0, hidden=4, inputs=6, initial_h="none")[0]
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    while len(node.input) < 5:
+        node.input.append("")
+    node.input[4] = "lens_c"
+    model.graph.initializer.append(builders.tensor("lens_c", np.arange(1, N_CALIB + 1) % 7 + 1, np.int32))
+    return model
+
+
+KIND_BASES: dict[str, tuple[Callable[[], onnx.ModelProto], tuple[int, ...]]] = {
+    "lstm": (_small_lstm, (7, 6)),
+    "gru-lengths": (_small_gru_with_lengths, (7, 6)),
+    "convtranspose": (lambda: kind_builders.unet_decoder(2, width=8), (3, 8, 8)),
+    "einsum": (kind_builders.einsum_model, (3, 16)),
+    "if": (lambda: kind_builders.if_convs(cond="sign", nested=True), (3, 8, 8)),
+    "quantized": (lambda: kind_builders.quantized_shipped("dynamic"), (1, 8, 8)),
+    "quantized-static": (lambda: kind_builders.quantized_shipped("static"), (1, 8, 8)),
+}
+KIND_MODELS = {name: build() for name, (build, _) in KIND_BASES.items()}
+KIND_ATTRIBUTES = {
+    "direction": ["forward", "reverse", "bidirectional", "sideways"],
+    "hidden_size": [0, 1, 3, 4, 1000],
+    "layout": [0, 1, 2],
+    "linear_before_reset": [0, 1, 7],
+    "clip": [0.0, 1e-30, 3.0],
+    "activations": [["Relu", "Tanh", "Sigmoid"], ["NoSuch"]],
+    "equation": ["bij,jk->bik", "bii,ik->bik", "...j,jk->...k", "ij,jk", "b,c->", "bij,jk->bi", "x"],
+    "output_shape": [[9, 9], [1], [0, 0], [100, 100]],
+    "output_padding": [[1, 1], [5, 5], [0]],
+    "group": [1, 2, 3, 16],
+    "auto_pad": ["SAME_UPPER", "SAME_LOWER", "VALID", "BOGUS"],
+    "transB": [0, 1],
+}
+
+
+def _nodes_everywhere(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """Every node of `graph` and of its subgraphs (If branches)."""
+    out = []
+    for node in graph.node:
+        out.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                out += _nodes_everywhere(attr.g)
+    return out
+
+
+def _mutate_kind(model: onnx.ModelProto, op: str, draw: st.DrawFn) -> None:
+    """The structural mutations above, plus the attributes of the new kinds and mutations of
+    nodes inside If branches."""
+    if op == "kind-attribute":
+        node = draw(st.sampled_from(_nodes_everywhere(model.graph)))
+        key = draw(st.sampled_from(sorted(KIND_ATTRIBUTES)))
+        for attr in [a for a in node.attribute if a.name == key]:
+            node.attribute.remove(attr)
+        node.attribute.append(helper.make_attribute(key, draw(st.sampled_from(KIND_ATTRIBUTES[key]))))
+    elif op == "branch-node":
+        branches = [a.g for n in model.graph.node for a in n.attribute if a.type == onnx.AttributeProto.GRAPH]
+        if branches:
+            branch = draw(st.sampled_from(branches))
+            if branch.node:
+                node = draw(st.sampled_from(list(branch.node)))
+                choice = draw(st.sampled_from(["remove", "rewire", "op-type"]))
+                if choice == "remove":
+                    branch.node.remove(node)
+                elif choice == "rewire" and node.input:
+                    node.input[0] = draw(st.sampled_from(["x", "ghost", "", "feat", "c"]))
+                else:
+                    node.op_type = draw(st.sampled_from(["Conv", "ConvTranspose", "Gemm", "If", "Identity"]))
+    elif op == "recurrent-input":
+        recurrent = [
+            n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "RNN", "DynamicQuantizeLSTM")
+        ]
+        if recurrent:
+            node = draw(st.sampled_from(recurrent))
+            index = draw(st.integers(1, 7))
+            while len(node.input) <= index:
+                node.input.append("")
+            names = ["", "W", "R", "B", "lens_c", "X_t", "ghost"] + [t.name for t in model.graph.initializer]
+            node.input[index] = draw(st.sampled_from(names))
+    else:
+        _mutate(model, op, draw)
+
+
+@st.composite
+def mutated_kind_model(draw: st.DrawFn) -> tuple[str, onnx.ModelProto, list[str]]:
+    name = draw(st.sampled_from(sorted(KIND_BASES)))
+    model = onnx.ModelProto()
+    model.CopyFrom(KIND_MODELS[name])
+    ops = draw(
+        st.lists(
+            st.sampled_from(
+                [*MUTATIONS, "kind-attribute", "kind-attribute", "branch-node", "recurrent-input"]
+            ),
+            min_size=1,
+            max_size=3,
+        )
+    )
+    for op in ops:
+        _mutate_kind(model, op, draw)
+    return name, model, ops
+
+
+@settings(FUZZ, max_examples=120)
+@given(mutated_kind_model(), config_strategy())
+def test_fuzz_new_layer_kinds(sample: tuple[str, onnx.ModelProto, list[str]], config: PruneConfig) -> None:
+    """The property on mutated LSTM/GRU (with constant sequence lengths), UNet ConvTranspose,
+    Einsum, nested-If and quantized models."""
+    name, proto, _ops = sample
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        model = folder / "model.onnx"
+        model.write_bytes(proto.SerializeToString())
+        calib = folder / "calib.npz"
+        np.savez(calib, x=builders.gaussian_calibration(KIND_BASES[name][1], n=N_CALIB))
+        outdir = folder / "out"
+        outdir.mkdir()
+        check_prune(model, calib, config, outdir)
+
+
+@pytest.mark.parametrize("name", sorted(KIND_BASES))
+def test_new_kind_bases_prune_unmutated(name: str, tmp_path: Path) -> None:
+    """The fuzzed bases themselves prune (so the fuzz starts from valid models)."""
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=builders.gaussian_calibration(KIND_BASES[name][1], n=N_CALIB))  # the fuzz's data
+    model = builders.save(KIND_MODELS[name], tmp_path / "model.onnx")
+    out = tmp_path / "pruned.onnx"
+    report = prune_model(model, calib, PruneConfig(sparsity=0.5, refit="bias"), output=out).report
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert report.layers and abs(report.sparsity_achieved - 0.5) <= 0.02
 
 
 # ----------------------------------------------------------------------------- calibration data

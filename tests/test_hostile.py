@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from sipp_onnx import (
     CalibrationError,
     ModelError,
+    NoPrunableLayersError,
     OutputError,
     PruneConfig,
     PruneReport,
@@ -48,8 +49,12 @@ from sipp_onnx import (
 
 try:  # tests/ as a plain directory (rootdir-prepend import mode) or as a package
     import builders
+    import kind_builders
 except ImportError:  # pragma: no cover
-    from tests import builders  # type: ignore[no-redef]
+    from tests import (
+        builders,  # type: ignore[no-redef]
+        kind_builders,  # type: ignore[no-redef]
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 N_SAMPLES = 16
@@ -196,6 +201,36 @@ def _calibration_dir(env: Env, **files: np.ndarray) -> Path:
     return folder
 
 
+# ----------------------------------------------------------------------------- new layer kinds
+
+
+def _lstm_lens_beyond_steps(env: Env) -> tuple[Path, Path]:
+    """A bidirectional LSTM with sequence_lens longer than the sequences: ONNX Runtime refuses
+    the first calibration batch."""
+    model, data = kind_builders.recurrent_kind("LSTM", "bidirectional", lens=True, initial_h=True)
+    data = {k: v[:N_SAMPLES] for k, v in data.items()}
+    data["lens"] = data["lens"] + 5
+    return env.use_model(model), env.npz(**data)
+
+
+def _if_only_layers_disagree(env: Env) -> tuple[Path, Path]:
+    """Every layer inside an If whose data-dependent condition differs between the batches."""
+    model = kind_builders.if_convs(cond="sign")
+    graph = model.graph
+    head = next(n for n in graph.node if n.name == "head")
+    graph.node.remove(head)
+    flatten = next(n for n in graph.node if n.name == "flatten")
+    flatten.output[0] = "out"
+    del graph.output[:]
+    graph.output.append(builders.value("out", ["N", 16]))
+    x = builders.gaussian_calibration((3, 8, 8), n=N_SAMPLES)
+    folder = env.dir / "calib_dir"  # one file per sign: batches do not span files
+    folder.mkdir()
+    np.savez(folder / "a.npz", x=np.abs(x))
+    np.savez(folder / "b.npz", x=-np.abs(x))
+    return env.use_model(model), folder
+
+
 # ----------------------------------------------------------------------------- refused cases
 
 
@@ -323,6 +358,19 @@ CASES = [
         lambda e: (e.model, _calibration_dir(e, a=e.good(), b=e.good().astype(np.int64))),
         CalibrationError,
         "b.npz",
+    ),
+    # the layer kinds of issue 17
+    Case(
+        "recurrent-sequence-lens-beyond-steps",
+        _lstm_lens_beyond_steps,
+        CalibrationError,
+        "sequence_le",
+    ),
+    Case(
+        "if-branch-layers-only-and-batches-disagree",
+        _if_only_layers_disagree,
+        NoPrunableLayersError,
+        "does not agree",
     ),
     Case(
         # the error line only: the "last N samples are not used" warning used to come first
@@ -871,3 +919,250 @@ def test_stdout_holds_only_our_output_with_a_bfloat16_tensor(tmp_path: Path) -> 
     assert pruned.stdout == "", pruned.stdout
     assert inspected.stdout.startswith("{"), inspected.stdout[:300]
     assert json.loads(inspected.stdout)["prunable_params"] > 0
+
+
+# ----------------------------------------------------------------------------- new layer kinds: oddities
+
+
+def _recurrent(op="LSTM", direction="forward", layout=0, **kwargs):
+    model, _ = kind_builders.recurrent_model(op, direction, layout, hidden=8, inputs=6, **kwargs)
+    return model
+
+
+def _gru_linear_before_reset_0() -> onnx.ModelProto:
+    model = _recurrent("GRU", "bidirectional", initial_h="none")
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    next(a for a in node.attribute if a.name == "linear_before_reset").i = 0
+    return model
+
+
+def _rnn_weight_read_elsewhere() -> onnx.ModelProto:
+    model = _recurrent("RNN", "reverse", initial_h="none")
+    model.graph.node.append(helper.make_node("Identity", ["R"], ["R_copy"], name="peek"))
+    model.graph.output.append(builders.value("R_copy", [1, 8, 8]))
+    return model
+
+
+def _lstm_constant_lengths() -> onnx.ModelProto:
+    """sequence_lens and initial_h as initializers: both fix the batch size to 8."""
+    model = _recurrent("LSTM", "bidirectional", initial_h="constant")
+    node = next(n for n in model.graph.node if n.name == "rnn")
+    node.input[4] = "lens_c"
+    model.graph.initializer.append(builders.tensor("lens_c", np.array([7, 3, 1, 7, 5, 2, 6, 4]), np.int32))
+    return model
+
+
+def _lstm_layout_1() -> onnx.ModelProto:
+    return _recurrent("LSTM", "forward", layout=1, initial_h="none")
+
+
+def _conv_transpose_odd() -> onnx.ModelProto:
+    """Two ConvTransposes: output_shape with SAME_UPPER, and odd pads with output_padding and a
+    dilation; then a Gemm head."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node(
+            "ConvTranspose",
+            ["x", "w1"],
+            ["a"],
+            name="ct_shape",
+            strides=[2, 2],
+            auto_pad="SAME_UPPER",
+            output_shape=[9, 9],
+        ),
+        helper.make_node(
+            "ConvTranspose",
+            ["a", "w2", "b2"],
+            ["c"],
+            name="ct_odd",
+            strides=[3, 2],
+            dilations=[2, 1],
+            pads=[1, 0, 2, 1],
+            output_padding=[1, 1],
+        ),
+        helper.make_node("GlobalAveragePool", ["c"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+        helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1),
+    ]
+    inits = [
+        builders.tensor("w1", rng.normal(size=(4, 6, 3, 3)) / 6),
+        builders.tensor("w2", rng.normal(size=(6, 5, 3, 2)) / 6),
+        builders.tensor("b2", rng.normal(size=5) * 0.1),
+        builders.tensor("fc", rng.normal(size=(3, 5))),
+    ]
+    return builders.finish(
+        nodes, [builders.value("x", ["N", 4, 5, 5])], [builders.value("y", ["N", 3])], inits
+    )
+
+
+def _einsum_weird() -> onnx.ModelProto:
+    """One plain Einsum dense layer and three that are not dense layers: a diagonal of the
+    activation, a sum over the weight's own index, an outer product."""
+    rng = np.random.default_rng(1)
+    specs = [
+        ("ok", "bij,jk->bik", (4, 5), [None, 4, 5]),
+        ("diagonal", "bii,ik->bik", (4, 5), [None, 4, 5]),
+        ("weight_sum", "bij,jk->bi", (4, 5), [None, 4]),
+        ("outer", "bij,kl->bijkl", (2, 3), [None, 4, 4, 2, 3]),
+    ]
+    nodes, inits, outputs = [], [], []
+    for name, equation, shape, out_shape in specs:
+        nodes.append(helper.make_node("Einsum", ["x", f"w_{name}"], [name], name=name, equation=equation))
+        inits.append(builders.tensor(f"w_{name}", rng.normal(size=shape)))
+        outputs.append(builders.value(name, ["N", *out_shape[1:]]))
+    return builders.finish(nodes, [builders.value("x", ["N", 4, 4])], outputs, inits)
+
+
+@dataclass
+class Oddity:
+    id: str
+    model: Callable[[], onnx.ModelProto]
+    data: Callable[[], dict[str, np.ndarray]]
+    outcome: str
+    """'pruned' or 'refused'."""
+    expect: str = ""
+    """A substring of a skipped candidate's reason (pruned) or of the error (refused)."""
+    layers: frozenset[str] = frozenset()
+    """Weights the report must list as pruned."""
+    batch_size: int = 8
+
+
+def _x(*shape: int, n: int = N_SAMPLES) -> Callable[[], dict[str, np.ndarray]]:
+    return lambda: {"x": builders.gaussian_calibration(shape, n=n)}
+
+
+def _xr(*shape: int) -> Callable[[], dict[str, np.ndarray]]:
+    return lambda: {"X": builders.gaussian_calibration(shape, n=N_SAMPLES)}
+
+
+def _lens_with_zero() -> dict[str, np.ndarray]:
+    _, data = kind_builders.recurrent_kind("GRU", "bidirectional", lens=True, initial_h=True)
+    data = {k: v[:N_SAMPLES] for k, v in data.items()}
+    data["lens"][2] = 0  # a sequence of no steps: ONNX Runtime accepts it
+    return data
+
+
+ODDITIES = [
+    Oddity(
+        "lstm-unnamed-y-no-bias",
+        lambda: _recurrent(with_bias=False, initial_h="none"),
+        _xr(7, 6),
+        "pruned",
+        layers=frozenset({"W", "R"}),
+    ),
+    Oddity(
+        "gru-linear-before-reset-0",
+        _gru_linear_before_reset_0,
+        _xr(7, 6),
+        "pruned",
+        "linear_before_reset=0",
+        frozenset({"W"}),
+    ),
+    Oddity(
+        "rnn-weight-read-elsewhere", _rnn_weight_read_elsewhere, _xr(7, 6), "pruned", "peek", frozenset({"W"})
+    ),
+    pytest.param(
+        Oddity(
+            "lstm-constant-lengths-and-initial-h",
+            _lstm_constant_lengths,
+            _xr(7, 6),
+            "pruned",
+            layers=frozenset({"W", "R"}),
+        ),
+        marks=kind_builders.UNINITIALIZED_REVERSE_POINT,
+    ),
+    pytest.param(
+        Oddity(
+            "gru-zero-length-sequence",
+            lambda: kind_builders.recurrent_kind("GRU", "bidirectional", lens=True, initial_h=True)[0],
+            _lens_with_zero,
+            "pruned",
+            layers=frozenset({"W", "R"}),
+        ),
+        marks=kind_builders.UNINITIALIZED_REVERSE_POINT,
+    ),
+    Oddity("lstm-layout-1-onnx-runtime-refuses", _lstm_layout_1, _xr(7, 6), "refused", "ONNX Runtime"),
+    Oddity(
+        "convtranspose-output-shape-odd-pads",
+        _conv_transpose_odd,
+        _x(4, 5, 5),
+        "pruned",
+        layers=frozenset({"w1", "w2"}),
+    ),
+    Oddity(
+        "einsum-weird-equations",
+        _einsum_weird,
+        _x(4, 4),
+        "pruned",
+        "repeated in the activation",
+        frozenset({"w_ok"}),
+    ),
+    Oddity(
+        "if-nested",
+        lambda: kind_builders.if_convs(nested=True),
+        kind_builders.if_calibration,
+        "pruned",
+        layers=frozenset({"t_w1", "t_iw"}),
+    ),
+    Oddity(
+        "if-data-dependent-one-way",
+        lambda: kind_builders.if_convs(cond="sign"),
+        lambda: {"x": np.abs(builders.gaussian_calibration((3, 8, 8), n=N_SAMPLES))},
+        "pruned",
+        "which no calibration batch takes",
+        frozenset({"t_w1"}),
+    ),
+    Oddity(
+        "quantized-static-per-channel-zero-points",
+        lambda: kind_builders.quantized_shipped("static", per_channel=True),
+        lambda: {"input": kind_builders.cnn_data()[:64]},
+        "pruned",
+        layers=frozenset({"conv1.weight_quantized"}),
+    ),
+    Oddity(
+        "quantized-dynamic-per-channel",
+        lambda: kind_builders.quantized_shipped("dynamic", per_channel=True),
+        lambda: {"input": kind_builders.cnn_data()[:64]},
+        "pruned",
+        layers=frozenset({"fc1.weight_quantized"}),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(c, id=c.id)
+        if isinstance(c, Oddity)
+        else pytest.param(*c.values, marks=c.marks, id=c.values[0].id)
+        for c in ODDITIES
+    ],
+)
+def test_new_layer_kind_oddities(case: Oddity, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No crash: a valid pruned model (checker, ONNX Runtime on the first calibration batch) with
+    the expected layers and skip reasons, or one clear SippError line and nothing written.
+    `np.empty` is poisoned in the library, so that a read of memory never written fails here."""
+    kind_builders.poison_empty(monkeypatch)
+    env = make_env(tmp_path)
+    model = env.use_model(case.model(), "kind.onnx")
+    calib = env.npz("kind.npz", **case.data())
+    before, digest = listing(env.dir), sha256(env.model)
+    config = PruneConfig(sparsity=0.5, batch_size=case.batch_size)
+    if case.outcome == "refused":
+        with pytest.raises(SippError) as info:
+            prune_model(model, calib, config, output=env.out)
+        message = str(info.value)
+        assert case.expect.lower() in message.lower() and "\n" not in message, message
+        assert listing(env.outdir) == set()
+    else:
+        report = prune_model(model, calib, config, output=env.out).report
+        onnx.checker.check_model(str(env.out), full_check=True)
+        assert report.verification and all(np.isfinite(c.rel_l2_error) for c in report.verification)
+        for t in onnx.load(str(env.out)).graph.initializer:
+            assert np.isfinite(numpy_helper.to_array(t).astype(np.float64)).all(), t.name
+        assert case.layers <= {layer.weight for layer in report.layers}, [
+            layer.weight for layer in report.layers
+        ]
+        if case.expect:
+            assert any(case.expect in s.reason for s in report.skipped), [s.reason for s in report.skipped]
+    assert listing(env.dir) == before and sha256(env.model) == digest
