@@ -571,6 +571,11 @@ def apply(
             )
             if changed:  # untouched tensors keep their bytes
                 values = from_rows(sel.rows, w.primary.layout, w.shape, groups=w.primary.groups)
+                if not np.isfinite(values).all():  # a broken statistic must not reach the file
+                    raise ModelError(
+                        f"internal error: the pruned values of weight {w.stored_name!r} hold NaN/inf; "
+                        "nothing was written (please report this model)"
+                    )
                 if staged is not None and w.stored_name in prepared.external:
                     write_weight(w, protos, values, prepared.base_dir, staged.put)
                 else:

@@ -11,8 +11,9 @@
 
 Both are exact: Y is the op's own output, which ONNX Runtime returns like any other tensor.
 The order of the points within a sequence does not matter to any statistic (a max, a mean
-per sequence, a Gram matrix), only which sequence they belong to. Padding steps of sequences
-shorter than the batch's (`sequence_lens`) add zero points: nothing to a max or a Gram matrix.
+per sequence, a Gram matrix), only which sequence they belong to. Steps beyond a sequence's
+`sequence_lens` are not computed by the op: they are no points (zeroed, not counted, and not
+averaged over by the 'mean' reduction).
 
 This module imports numpy only.
 """
@@ -145,7 +146,7 @@ class HiddenStateAccumulator(_Gathered, _Accumulator):
             raise ValueError(
                 f"hidden states of {points.shape[2]} units, the weight expects {self.rows.shape[1]}"
             )
-        self._accumulate(points, valid=None if mask is None else int(mask.sum()))
+        self._accumulate(points, valid=None if mask is None else mask.sum(axis=1))
 
 
 class _Feeder:
@@ -184,7 +185,7 @@ def hidden_state_points(
         h0 = np.broadcast_to(h0.transpose(1, 0, 2) if geom.layout == 0 else h0, (batch, dirs, hidden))
     mask = step_mask(sequence_lens, batch, steps)
     lengths = np.full(batch, steps) if mask is None else mask.sum(axis=1)
-    out = np.empty((batch, dirs, hidden, steps), dtype=np.float32)
+    out = np.zeros((batch, dirs, hidden, steps), dtype=np.float32)  # a short sequence's tail: 0
     for d in range(dirs):
         backwards = geom.reverse or d == 1
         if backwards:  # step t reads h from step t+1; a sequence's last step reads initial_h

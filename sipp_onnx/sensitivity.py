@@ -145,16 +145,21 @@ class _Accumulator:
         self._rng = np.random.default_rng(seed)
 
     def _accumulate(
-        self, patches: np.ndarray, valid: int | None = None, sqnorm: bool = True, nonnegative: bool = False
+        self,
+        patches: np.ndarray,
+        valid: np.ndarray | None = None,
+        sqnorm: bool = True,
+        nonnegative: bool = False,
     ) -> None:
-        """`valid`: how many of the points are real (masked-out points are all zero and add
-        nothing to any statistic; they only must not be counted). `sqnorm=False`: the caller
-        has added the batch's squared norms already. `nonnegative`: the caller knows that no
-        entry is negative (checked on the conv input, a ninth of a 3x3 conv's patches)."""
+        """`valid`: per sample, how many of its points are real (masked-out points are all zero
+        and add nothing to a max, a sum or a Gram matrix; they must only not be counted, nor
+        averaged over by the 'mean' reduction). `sqnorm=False`: the caller has added the batch's
+        squared norms already. `nonnegative`: the caller knows that no entry is negative (checked
+        on the conv input, a ninth of a 3x3 conv's patches)."""
         batch, groups, d, n_points = patches.shape
         if d != self.rows.shape[1]:
             raise ValueError(f"layer input points have {d} entries, the weight rows {self.rows.shape[1]}")
-        self.points += batch * n_points if valid is None else valid
+        self.points += batch * n_points if valid is None else int(valid.sum())
         self.patches_per_sample = n_points
         if sqnorm:
             self._sqnorm += np.einsum("bgdl,bgdl->gd", patches, patches, dtype=np.float64)
@@ -172,18 +177,20 @@ class _Accumulator:
             # batch would run on that transposed layout (a third of PP-LCNet's statistics time).
             patches = np.take(patches, chosen, axis=-1)
             n_points = cap
+        inputs: list[Part]
         if self.terms == "absolute":
-            inputs = [patches] if nonnegative else _absolute_samples(patches)
+            inputs = [(patches, None)] if nonnegative else _absolute_samples(patches)
         else:
             inputs = _sample_parts(patches)
         w_parts = self._weight_parts()
-        for part in inputs:
+        for part, picked in inputs:
+            per_sample = None if valid is None else valid if picked is None else valid[picked]
             for w_part, best in zip(w_parts, self._best, strict=True):
                 recip = reciprocal(np.matmul(w_part[None], part))  # [B', G, Ng, L]
                 if self.reduction == "max" or (self.reduction == "mean" and n_points == 1):
                     max_times_points(recip, part, best)
                 elif self.reduction == "mean":
-                    _max_of_sample_means(recip, part, best)
+                    _max_of_sample_means(recip, part, best, per_sample)
                 else:
                     best += np.matmul(recip, part.transpose(0, 1, 3, 2)).sum(axis=0, dtype=np.float64)
 
@@ -244,7 +251,11 @@ class _Accumulator:
         return LayerStatistics(sens, sqnorm, self.points, self.patches_per_sample, self._gram, self._sum)
 
 
-def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
+Part = tuple[np.ndarray, np.ndarray | None]
+"""Non-negative points of some samples, and which samples (None: all of them, in order)."""
+
+
+def _absolute_samples(patches: np.ndarray) -> list[Part]:
     """`|a|` of the samples that have a non-zero entry (one part per sample).
 
     Inputs after a ReLU are already non-negative and usually every sample has content; then the
@@ -253,35 +264,43 @@ def _absolute_samples(patches: np.ndarray) -> list[np.ndarray]:
     content = patches.reshape(patches.shape[0], -1).any(axis=1)
     if not content.any():
         return []
+    chosen: np.ndarray | None = None
     if not content.all():
-        patches = patches[content]
-    return [patches if patches.min() >= 0 else np.abs(patches)]
+        patches, chosen = patches[content], np.asarray(content)
+    return [(patches if patches.min() >= 0 else np.abs(patches), chosen)]
 
 
-def _sample_parts(patches: np.ndarray) -> list[np.ndarray]:
+def _sample_parts(patches: np.ndarray) -> list[Part]:
     """Non-negative parts of the samples that have content: `max(a, 0)` of the samples with a
     positive entry and `max(-a, 0)` of those with a negative entry (empty parts dropped)."""
     flat = patches.reshape(patches.shape[0], -1)
-    parts = []
-    has_pos = (flat > 0).any(axis=1)
+    parts: list[Part] = []
+    has_pos: np.ndarray = np.asarray((flat > 0).any(axis=1))
     if has_pos.any():
-        parts.append(np.maximum(patches[has_pos], 0) if (flat < 0).any() else patches[has_pos])
-    has_neg = (flat < 0).any(axis=1)
+        parts.append((np.maximum(patches[has_pos], 0) if (flat < 0).any() else patches[has_pos], has_pos))
+    has_neg: np.ndarray = np.asarray((flat < 0).any(axis=1))
     if has_neg.any():
-        parts.append(np.maximum(-patches[has_neg], 0))
+        parts.append((np.maximum(-patches[has_neg], 0), has_neg))
     return parts
 
 
-def _max_of_sample_means(recip: np.ndarray, part: np.ndarray, out: np.ndarray) -> None:
-    """`out = max(out, max_b mean_l recip[b,g,i,l] * part[b,g,j,l])`, chunked over samples."""
+def _max_of_sample_means(
+    recip: np.ndarray, part: np.ndarray, out: np.ndarray, counts: np.ndarray | None = None
+) -> None:
+    """`out = max(out, max_b mean_l recip[b,g,i,l] * part[b,g,j,l])`, chunked over samples; the
+    mean of sample b over its `counts[b]` real points (the padding points are zero)."""
     batch, groups, rows, n_points = recip.shape
     per_sample = groups * rows * part.shape[2]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, per_sample))
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         sums = np.matmul(recip[start:stop], part[start:stop].transpose(0, 1, 3, 2))
-        # max over samples before the division by L: one pass less over the [B, N, K] products
-        np.maximum(out, sums.max(axis=0) / np.float32(n_points), out=out)
+        if counts is None:
+            # max over samples before the division by L: one pass less over the [B, N, K] products
+            np.maximum(out, sums.max(axis=0) / np.float32(n_points), out=out)
+        else:
+            scale = (1.0 / np.maximum(counts[start:stop], 1)).astype(np.float32)
+            np.maximum(out, (sums * scale[:, None, None, None]).max(axis=0), out=out)
 
 
 class DenseAccumulator(_Accumulator):
@@ -319,12 +338,12 @@ class DenseAccumulator(_Accumulator):
             raise ValueError(f"layer input has {x.shape[-1]} features, the weight expects {k}")
         if x.ndim == 1:
             x = x[None]
-        valid = None
+        valid: np.ndarray | None = None
         if token_mask is not None and x.ndim == 3 and x.shape[:2] == token_mask.shape:
             keep = np.asarray(token_mask) != 0
             if self.reduction == "mean":  # per-sample means: keep the samples, zero the padding
                 x = np.where(keep[:, :, None], x, np.float32(0))
-                valid = int(keep.sum())
+                valid = keep.sum(axis=1)
             else:  # max / expected do not group points by sample: drop the padding outright
                 x = x[keep][:, None, :]
         if x.size == 0:

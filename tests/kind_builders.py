@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 try:  # tests/ as a plain directory (rootdir-prepend import mode) or as a package
@@ -69,20 +68,6 @@ def poison_empty(monkeypatch) -> None:
         if name.startswith("sipp_onnx") and getattr(module, "np", None) is np:
             monkeypatch.setattr(module, "np", proxy)
 
-
-# Known bugs (issue 17 review), as strict xfail marks: remove them with the fix.
-UNINITIALIZED_REVERSE_POINT = pytest.mark.xfail(
-    strict=True,
-    reason="recurrent.hidden_state_points: out = np.empty(...); for a backwards direction the "
-    "slot of step T-1 is written only for sequences of full length, so for a shorter sequence it "
-    "keeps uninitialized memory, and `out *= mask` turns NaN/inf garbage into NaN points (NaN "
-    "Gram, input norms and bias refit; a flaky prune)",
-)
-MEAN_OVER_PADDED_LENGTH = pytest.mark.xfail(
-    strict=True,
-    reason="reduction 'mean' with sequence_lens divides each sequence's sum by the padded length "
-    "T (the masked steps count as zero points) instead of by its own length",
-)
 
 # ----------------------------------------------------------------------------- recurrent
 

@@ -1069,7 +1069,6 @@ ODDITIES = [
             "pruned",
             layers=frozenset({"W", "R"}),
         ),
-        marks=kind_builders.UNINITIALIZED_REVERSE_POINT,
     ),
     pytest.param(
         Oddity(
@@ -1079,7 +1078,6 @@ ODDITIES = [
             "pruned",
             layers=frozenset({"W", "R"}),
         ),
-        marks=kind_builders.UNINITIALIZED_REVERSE_POINT,
     ),
     Oddity("lstm-layout-1-onnx-runtime-refuses", _lstm_layout_1, _xr(7, 6), "refused", "ONNX Runtime"),
     Oddity(

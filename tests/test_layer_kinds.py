@@ -58,13 +58,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 KINDS = {kind.id: kind for kind in kb.KINDS}
 
-UNINITIALIZED_REVERSE_POINT = kb.UNINITIALIZED_REVERSE_POINT
-MEAN_OVER_PADDED_LENGTH = kb.MEAN_OVER_PADDED_LENGTH
-BUGGY_KINDS = {
-    "lstm-bidirectional-initial_h-lens": UNINITIALIZED_REVERSE_POINT,
-    "dynamic-quantize-lstm": UNINITIALIZED_REVERSE_POINT,
-}
-
 
 @pytest.fixture(autouse=True)
 def poison_uninitialized_memory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,9 +156,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- the table
 
 
-@pytest.mark.parametrize(
-    "kind", [pytest.param(k, marks=BUGGY_KINDS[k]) if k in BUGGY_KINDS else k for k in KINDS]
-)
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_prune_at_half_reaches_the_target_and_runs(kind: str, tmp_path: Path) -> None:
     """(a) 0.5 within 0.5 %, counted again in the written file; (c) the file passes the checker,
     ONNX Runtime runs it on held-out data, and its outputs stay close to the dense model's."""
@@ -273,14 +264,9 @@ def _cases():
     for op in ("LSTM", "GRU", "RNN"):
         for direction in ("forward", "reverse", "bidirectional"):
             for reduction in ("max", "mean"):
-                marks = [UNINITIALIZED_REVERSE_POINT] if direction != "forward" else []
-                marks += [MEAN_OVER_PADDED_LENGTH] if reduction == "mean" else []
-                yield pytest.param(
-                    op, direction, reduction, marks=marks[:1], id=f"{op}-{direction}-{reduction}"
-                )
+                yield pytest.param(op, direction, reduction, id=f"{op}-{direction}-{reduction}")
 
 
-@UNINITIALIZED_REVERSE_POINT
 def test_reverse_points_of_short_sequences_are_defined() -> None:
     """The minimal case: one reverse-direction sequence of length 2 in a batch of 4 steps. Its
     points are initial_h (step 1) and Y[1] (step 0); steps 2 and 3 are not computed."""
@@ -297,7 +283,6 @@ def test_reverse_points_of_short_sequences_are_defined() -> None:
     np.testing.assert_array_equal(points[0, 0].T, [[4, 5, 6], [7, 8, 9], [0, 0, 0], [0, 0, 0]])
 
 
-@MEAN_OVER_PADDED_LENGTH
 def test_mean_reduction_averages_over_the_computed_steps() -> None:
     """W of a forward RNN, one sequence of length 1 in a batch of 2 steps and reduction 'mean':
     its one point is its mean."""
@@ -370,7 +355,6 @@ def _named_y(model: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
-@UNINITIALIZED_REVERSE_POINT
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 def test_prune_with_sequence_lengths_and_initial_h(op: str, tmp_path: Path) -> None:
     """The issue's models: a bidirectional LSTM and a GRU with initial_h and sequence lengths
@@ -564,7 +548,6 @@ def test_quantized_sensitivities_against_a_loop(kind: str, conv_op: str, dense_o
         )
 
 
-@UNINITIALIZED_REVERSE_POINT
 def test_dynamic_quantize_lstm_statistics_against_a_loop() -> None:
     """com.microsoft DynamicQuantizeLSTM with initial_h and sequence lengths: W's points are the
     computed steps of X, R's the states the int8 op itself produced (its Y, step by step per
