@@ -8,79 +8,33 @@
 `captcha_int8` is the package's older model, int8 dynamically quantized (ConvInteger,
 MatMulInteger, com.microsoft DynamicQuantizeLSTM), pruned through its dequantized view.
 
-Labelled captchas are rendered here (4 characters of a confusable-free alphabet, Pillow's default
-scalable font, random size, rotation, offsets, lines and noise; 64 x 160 grayscale; fixed seed):
-128 for calibration, 128 held out. Metrics on the held-out ones: exact-match accuracy of the
-greedy CTC decoding against the label, and agreement with the dense model's decoding. The
-`R refit` rows give the recurrent weights the least-squares refit too (the default gives them
-mask and bias only, see `discover.RECURRENT_REFIT_PROBLEM`). Prune time is the whole
-`prune_model` against one ONNX Runtime pass over the calibration images, measured in the run.
+Labelled captchas are rendered by tools/benchmark_data.py (4 characters of a confusable-free
+alphabet, Pillow's default scalable font, random size, rotation, offsets, lines and noise;
+64 x 160 grayscale; fixed seed): 128 for calibration, 128 held out. Metrics on the held-out
+ones: exact-match accuracy of the greedy CTC decoding against the label, and agreement with the
+dense model's decoding. The `R refit` rows give the recurrent weights the least-squares refit
+too (the default gives them mask and bias only, see `discover.RECURRENT_REFIT_PROBLEM`). Prune
+time is the whole `prune_model` against one ONNX Runtime pass over the calibration images,
+measured in the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from PIL import Image, ImageDraw, ImageFont
 
-from sipp_onnx import PruneConfig, prune_model
+# tools/ is not a package: the data builder is found next to this script (sys.path[0] when run).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_data import CAPTCHA_CHARSETS as MODELS  # noqa: E402
+from benchmark_data import captchas, read_charset  # noqa: E402
+from benchmark_data import ctc_greedy as decode  # noqa: E402
 
-ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
-WIDTH, HEIGHT = 160, 64
-
-
-MODELS = {"captcha": "CHARSET_BETA", "captcha_int8": "CHARSET_OLD"}
-"""Model file stem -> the character set its outputs index (ddddocr's `beta` and `old` models)."""
-
-
-def charset(path: Path, name: str) -> list[str]:
-    """A character set from the package's charsets.py, read with ast (never executed)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
-            return list(ast.literal_eval(node.value))
-    raise ValueError(f"{path}: no {name}")
-
-
-def render(text: str, rng: np.random.Generator) -> np.ndarray:
-    img = Image.new("L", (WIDTH, HEIGHT), int(rng.integers(200, 256)))
-    draw = ImageDraw.Draw(img)
-    x = 8
-    for ch in text:
-        font = ImageFont.load_default(size=int(rng.integers(34, 44)))
-        glyph = Image.new("L", (50, HEIGHT), 0)
-        ImageDraw.Draw(glyph).text((5, 5), ch, fill=255, font=font)
-        glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR)
-        img.paste(int(rng.integers(0, 90)), (x, int(rng.integers(-6, 6))), glyph)
-        x += int(rng.integers(28, 36))
-    for _ in range(int(rng.integers(1, 4))):
-        ends = [(int(rng.integers(0, WIDTH)), int(rng.integers(0, HEIGHT))) for _ in range(2)]
-        draw.line(ends, fill=int(rng.integers(0, 120)), width=int(rng.integers(1, 3)))
-    pixels = np.array(img, dtype=np.float32) + rng.normal(0, 8, (HEIGHT, WIDTH))
-    return np.clip(pixels, 0, 255) / 255.0
-
-
-def captchas(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
-    rng = np.random.default_rng(seed)
-    texts = ["".join(rng.choice(list(ALPHABET), size=4)) for _ in range(n)]
-    images = np.stack([render(t, rng)[None] for t in texts]).astype(np.float32)
-    return images, texts
-
-
-def decode(logits: np.ndarray, chars: list[str]) -> str:
-    """Greedy CTC: best class per step, repeats merged, blanks (0) dropped."""
-    out, prev = [], -1
-    for index in logits.reshape(logits.shape[0], -1).argmax(-1):
-        if index != prev and index != 0:
-            out.append(chars[index])
-        prev = index
-    return "".join(out)
+from sipp_onnx import PruneConfig, prune_model  # noqa: E402
 
 
 def read_all(model: str | Path | bytes, images: np.ndarray, chars: list[str]) -> tuple[list[str], float]:
@@ -105,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model.exists():
         print(f"error: {model} is missing; run tools/fetch_benchmark_models.py first", file=sys.stderr)
         return 1
-    chars = charset(args.models_dir / "captcha_charsets.py", MODELS[args.model])
+    chars = read_charset(args.models_dir / "captcha_charsets.py", MODELS[args.model])
     images, texts = captchas(256)
     calib, test, labels = images[:128], images[128:], texts[128:]
     dense, _ = read_all(str(model), test, chars)

