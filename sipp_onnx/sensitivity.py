@@ -40,6 +40,7 @@ EPS32 = np.float32(1.1920929e-07)
 _CHUNK_ELEMENTS = 1 << 23  # ~32 MB of float32 temporaries in the per-sample mean reduction
 SYRK_MIN_INPUTS = 32  # narrower groups' Gram matrices go in one batched product
 GRAM_SAMPLE_POINTS = 512  # from this many positions per sample on, the Gram matrix goes per sample
+STATS_SAMPLES = 16  # smaller captured batches are staged and measured together (see update)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,50 @@ class _Accumulator:
         self.patches_per_sample = 1
         self.max_points_per_sample = max_points_per_sample
         self._rng = np.random.default_rng(seed)
+        self._staged: list[tuple[np.ndarray, np.ndarray | None]] = []
+
+    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
+        """Add one captured batch of the layer's input (samples on axis 0).
+
+        Batches smaller than `STATS_SAMPLES` (models that fix their batch to 1) are staged and
+        measured together: the fixed costs of an update (the weight's sign parts, a K x K Gram
+        sum, the small products) are paid once per `STATS_SAMPLES` samples instead of per
+        sample. A max is the same either way; sums differ only in float rounding order."""
+        x = np.asarray(x, dtype=np.float32)
+        if not self._stageable(x, token_mask) or (not self._staged and x.shape[0] >= STATS_SAMPLES):
+            # (a batch that cannot be staged is measured, and checked, at once)
+            self._flush()
+            self._update(x, token_mask)
+            return
+        if self._staged:
+            first, first_mask = self._staged[0]
+            same = first.shape[1:] == x.shape[1:] and (first_mask is None) == (token_mask is None)
+            if not same or (
+                token_mask is not None
+                and first_mask is not None
+                and first_mask.shape[1:] != token_mask.shape[1:]
+            ):
+                self._flush()
+        self._staged.append((x, None if token_mask is None else np.asarray(token_mask)))
+        if sum(staged.shape[0] for staged, _ in self._staged) >= STATS_SAMPLES:
+            self._flush()
+
+    def _stageable(self, x: np.ndarray, token_mask: np.ndarray | None) -> bool:
+        """Whether batches of `x` join along axis 0 (and their masks with them), and `x` has the
+        shape the layer expects (a wrong one is measured at once, so its error comes at once)."""
+        return x.ndim >= 2 and (token_mask is None or np.ndim(token_mask) >= 1 and len(token_mask) == len(x))
+
+    def _flush(self) -> None:
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, []
+        x = staged[0][0] if len(staged) == 1 else np.concatenate([a for a, _ in staged])
+        masks = [m for _, m in staged]
+        mask = None if masks[0] is None else masks[0] if len(masks) == 1 else np.concatenate(masks)  # type: ignore[arg-type]
+        self._update(x, mask)
+
+    def _update(self, x: np.ndarray, token_mask: np.ndarray | None) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
 
     def _accumulate(
         self,
@@ -233,6 +278,7 @@ class _Accumulator:
             self._gram[g] += x @ x.T
 
     def result(self) -> LayerStatistics:
+        self._flush()
         w = self.rows
         n_out, k = w.shape
         sens = None
@@ -325,7 +371,12 @@ class DenseAccumulator(_Accumulator):
         self.transpose_input = transpose_input
         self.input_axes = tuple(input_axes)
 
-    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
+    def _stageable(self, x: np.ndarray, token_mask: np.ndarray | None) -> bool:
+        # transA has its samples on axis 1; Einsum inputs with moved axes are measured as they come
+        plain = not self.transpose_input and not self.input_axes and x.shape[-1:] == (self.rows.shape[1],)
+        return plain and super()._stageable(x, token_mask)
+
+    def _update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
         """`token_mask [B, T]` (non-zero = real token) drops padding tokens of a `[B, T, K]` input
         from the calibration points; it is ignored for inputs of any other shape."""
         x = np.asarray(x, dtype=np.float32)
@@ -402,7 +453,11 @@ class ConvAccumulator(_Accumulator):
             return prod(transposed_output_spatial(self.geom, spatial))
         return prod(output_spatial(self.geom, spatial))
 
-    def update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
+    def _stageable(self, x: np.ndarray, token_mask: np.ndarray | None) -> bool:
+        channels = self.geom.group * self.rows.shape[1] // prod(self.geom.kernel_shape)
+        return x.ndim == self.geom.spatial_rank + 2 and x.shape[1] == channels and super()._stageable(x, None)
+
+    def _update(self, x: np.ndarray, token_mask: np.ndarray | None = None) -> None:
         """`token_mask` is accepted for a uniform interface; conv inputs have no tokens.
 
         The squared norms come straight from `x`; the patches are only built when the
