@@ -26,6 +26,7 @@ import onnx
 from .config import PRUNABLE_OP_TYPES, Provider
 from .errors import CalibrationError
 from .layers import Discovery, Layer, PrunableWeight, SkippedCandidate
+from .modelio import subgraphs
 from .runtime import add_outputs, make_session, run_error
 
 log = logging.getLogger(__name__)
@@ -72,17 +73,9 @@ def candidate_count(graph: onnx.GraphProto) -> int:
     """Prunable-op nodes inside the subgraphs of `graph`'s nodes (any depth)."""
     total = 0
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             total += sum(1 for n in sub.node if n.op_type in PRUNABLE_OP_TYPES) + candidate_count(sub)
     return total
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
 
 
 def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
@@ -94,7 +87,7 @@ def _holds_candidates(node: onnx.NodeProto) -> bool:
         return False
     return any(
         any(n.op_type in PRUNABLE_OP_TYPES for n in sub.node) or candidate_count(sub)
-        for sub in _subgraphs(node)
+        for sub in subgraphs(node)
     )
 
 
@@ -192,7 +185,7 @@ def _candidates(node: onnx.NodeProto, reason: str, only: str | None = None) -> l
             if n.op_type in PRUNABLE_OP_TYPES:
                 weight = n.input[1] if len(n.input) > 1 else None
                 out.append(SkippedCandidate(n.name or n.op_type, n.op_type, reason, weight))
-            for sub in _subgraphs(n):
+            for sub in subgraphs(n):
                 walk(sub)
 
     for attr in node.attribute:
@@ -206,7 +199,7 @@ def _read_names(graph: onnx.GraphProto) -> set[str]:
     names: set[str] = set()
     for n in graph.node:
         names.update(t for t in n.input if t)
-        for sub in _subgraphs(n):
+        for sub in subgraphs(n):
             names |= _read_names(sub)
     return names
 

@@ -24,6 +24,7 @@ import onnx
 from .config import RECURRENT_OP_TYPES
 from .discover import FOLLOWED_OPS, QUANTIZED_OPS, SUBGRAPH_OF_IF, UNSUPPORTED_QUANTIZED
 from .layers import Discovery, SkippedCandidate
+from .modelio import subgraphs
 
 KINDS: dict[str, tuple[str, str]] = {
     "prunable": ("prunable layer weights", "pruned by `prune`"),
@@ -380,16 +381,8 @@ def _constant_value(node: onnx.NodeProto) -> list[_Stored]:
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     yield graph
     for node in graph.node:
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             yield from _graphs(sub)
-
-
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
 
 
 def _readers(model: onnx.ModelProto) -> dict[str, list[_Read]]:
@@ -403,7 +396,7 @@ def _readers(model: onnx.ModelProto) -> dict[str, list[_Read]]:
             for slot, name in enumerate(node.input):
                 if name:
                     out.setdefault(name, []).append(_Read(node, slot, label, top, in_if, owner))
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 walk(sub, False, in_if or node.op_type == "If", f"{node.op_type} node {label!r}")
 
     walk(model.graph, True, False, "")
@@ -450,7 +443,7 @@ def _constant_expressions(model: onnx.ModelProto, stored: set[str]) -> set[str]:
 
     def walk(graph: onnx.GraphProto) -> None:
         for node in graph.node:
-            subs = list(_subgraphs(node))
+            subs = list(subgraphs(node))
             for sub in subs:
                 walk(sub)
             inputs = [i for i in node.input if i]

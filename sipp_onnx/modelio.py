@@ -213,6 +213,15 @@ def external_tensor_names(model: onnx.ModelProto) -> frozenset[str]:
     return frozenset(t.name for t in all_tensors(model) if external_data_helper.uses_external_data(t))
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs held in `node`'s attributes (an If's branches, a Loop's or Scan's body)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     """Initializers and `Constant` node values by tensor name, those of subgraphs included (a
     layer inside an If branch is pruned in place: see branches.py). Names are unique across
@@ -221,12 +230,8 @@ def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
 
     def walk(graph: onnx.GraphProto, top: bool) -> None:
         for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.GRAPH:
-                    walk(attr.g, False)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub, False)
+            for sub in subgraphs(node):
+                walk(sub, False)
         if not top:
             _collect(graph, tensors)
 

@@ -49,6 +49,16 @@ class Variant:
         label = self.method.value if self.refit is Refit.NONE else f"{self.method.value}+{self.refit.value}"
         return label if self.allocation is None else f"{label}@{self.allocation.value}"
 
+    def config(self, base: PruneConfig, sparsity: float) -> PruneConfig:
+        """`base` with this variant's method, refit and allocation, at `sparsity`."""
+        return replace(
+            base,
+            method=self.method,
+            refit=self.refit,
+            sparsity=sparsity,
+            allocation=self.allocation or base.allocation,
+        )
+
     @classmethod
     def parse(cls, text: str, default_refit: Refit | str) -> Variant:
         """'METHOD', 'METHOD+REFIT' (default: `default_refit`), either with '@ALLOCATION', e.g.
@@ -250,14 +260,7 @@ def sweep(
     for variant in variants:
         for sparsity in sparsities:
             t1 = time.perf_counter()
-            cfg = replace(
-                base,
-                method=variant.method,
-                refit=variant.refit,
-                sparsity=sparsity,
-                allocation=variant.allocation or base.allocation,
-            )
-            result = apply(prepared, cfg)
+            result = apply(prepared, variant.config(base, sparsity))
             seconds = time.perf_counter() - t1
             comparison = dense.compare(result.model, result.base_dir)
             if chosen is None:

@@ -317,12 +317,18 @@ def mutated_model(draw: st.DrawFn) -> tuple[str, onnx.ModelProto, list[str]]:
 @given(mutated_model(), config_strategy())
 def test_fuzz_model_structure(sample: tuple[str, onnx.ModelProto, list[str]], config: PruneConfig) -> None:
     name, proto, _ops = sample
+    _prune_in_tmp(proto, BASES[name][1], config)
+
+
+def _prune_in_tmp(proto: onnx.ModelProto, sample_shape, config: PruneConfig) -> None:
+    """Write the model and Gaussian calibration data of `sample_shape` to a temporary folder and
+    check the prune's contract there."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         model = folder / "model.onnx"
         model.write_bytes(proto.SerializeToString())
         calib = folder / "calib.npz"
-        np.savez(calib, x=builders.gaussian_calibration(BASES[name][1], n=N_CALIB))
+        np.savez(calib, x=builders.gaussian_calibration(sample_shape, n=N_CALIB))
         outdir = folder / "out"
         outdir.mkdir()
         check_prune(model, calib, config, outdir)
@@ -445,15 +451,7 @@ def test_fuzz_new_layer_kinds(sample: tuple[str, onnx.ModelProto, list[str]], co
     """The property on mutated LSTM/GRU (with constant sequence lengths), UNet ConvTranspose,
     Einsum, nested-If and quantized models."""
     name, proto, _ops = sample
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        model = folder / "model.onnx"
-        model.write_bytes(proto.SerializeToString())
-        calib = folder / "calib.npz"
-        np.savez(calib, x=builders.gaussian_calibration(KIND_BASES[name][1], n=N_CALIB))
-        outdir = folder / "out"
-        outdir.mkdir()
-        check_prune(model, calib, config, outdir)
+    _prune_in_tmp(proto, KIND_BASES[name][1], config)
 
 
 @pytest.mark.parametrize("name", sorted(KIND_BASES))

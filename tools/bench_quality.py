@@ -420,14 +420,7 @@ def task_points(
         label = variant.label + suffix
         for sparsity in sparsities:
             t0 = time.perf_counter()
-            cfg = replace(
-                base,
-                method=variant.method,
-                refit=variant.refit,
-                sparsity=sparsity,
-                allocation=variant.allocation or base.allocation,
-            )
-            result = apply(prepared, cfg)
+            result = apply(prepared, variant.config(base, sparsity))
             seconds = time.perf_counter() - t0
             value, comparison = score.compare(result.model)
             layers = result.report.layers
