@@ -298,7 +298,11 @@ def split_budget(curves: Sequence[ErrorCurve], prune: int) -> list[int]:
 def counts_from_curves(curves: Sequence[ErrorCurve], rows: Sequence[np.ndarray], keep: int) -> list[int]:
     """Weights to keep per tensor for `keep` in all (live weights counted), from their curves
     (each curve's envelope with its alternative, where it has one)."""
-    lives = [int(np.count_nonzero(r)) for r in rows]
+    return kept_counts(curves, [int(np.count_nonzero(r)) for r in rows], keep)
+
+
+def kept_counts(curves: Sequence[ErrorCurve], lives: Sequence[int], keep: int) -> list[int]:
+    """`counts_from_curves` for tensors of `lives` live weights each."""
     pruned = split_budget([c.envelope() for c in curves], max(0, sum(lives) - keep))
     return [live - p for live, p in zip(lives, pruned, strict=True)]
 

@@ -185,7 +185,8 @@ _MEASURE_OPTIONS = (
         PruneConfig.allocation,
         "How the target is split across layers: global (one threshold over all scores), sipp "
         "(SiPP's shared error bound eps; sipp-det), error (each layer's measured output-error "
-        "curve, least summed error). sipp-rand/-hybrid always use their own sampling bound.",
+        "curve, least summed error), output (those curves weighted by each layer's measured effect "
+        "on the model's outputs). sipp-rand/-hybrid always use their own sampling bound.",
     ),
     _enum_option(
         "--ranking",
@@ -447,7 +448,7 @@ def prune(
             return
         click.echo(report.format_table())
         click.echo()
-        split = report.allocation in ("global", "sipp", "error")  # not 'pattern' or 'sampling'
+        split = report.allocation in ("global", "sipp", "error", "output")  # not 'pattern' or 'sampling'
         label = (
             report.method
             + (f" ({report.reduction}, {report.terms} terms)" if report.method.startswith("sipp") else "")

@@ -66,8 +66,11 @@ class Allocation(StrEnum):
     GLOBAL is the original rule: one threshold over every score (Wanda: the same ratio in every
     row). SIPP is SiPP's shared error level eps: every row prunes while its summed sensitivity
     stays within eps (sipp-det only). ERROR splits the budget by each tensor's measured
-    mask-plus-refit error curve, for the least summed relative error. AUTO (the default) is
-    ERROR for sipp-det and GLOBAL for magnitude and wanda, so the baselines stay the published
+    mask-plus-refit error curve, for the least summed relative error. OUTPUT weights those curves
+    by each tensor's measured influence on the model's outputs (influence.py: each tensor
+    pruned alone on a few calibration samples), for the least summed output error. AUTO (the
+    default) is OUTPUT for sipp-det (ERROR for a model with external data: the probe would hold
+    a second copy of its weights) and GLOBAL for magnitude and wanda, so the baselines stay the published
     methods; sipp-rand and sipp-hybrid always split by their own sampling bound.
     """
 
@@ -75,6 +78,12 @@ class Allocation(StrEnum):
     GLOBAL = "global"
     SIPP = "sipp"
     ERROR = "error"
+    OUTPUT = "output"
+
+    @property
+    def curves(self) -> bool:
+        """Whether the budget is split by measured error curves (ERROR and OUTPUT)."""
+        return self in (Allocation.ERROR, Allocation.OUTPUT)
 
 
 class Ranking(StrEnum):
@@ -287,7 +296,7 @@ class PruneConfig:
         if self.method in (Method.SIPP_RAND, Method.SIPP_HYBRID) or self.pattern != "unstructured":
             return Allocation.GLOBAL
         if self.allocation is Allocation.AUTO:
-            return Allocation.ERROR if self.method is Method.SIPP_DET else Allocation.GLOBAL
+            return Allocation.OUTPUT if self.method is Method.SIPP_DET else Allocation.GLOBAL
         return self.allocation
 
     @property

@@ -18,10 +18,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from . import __version__
+from . import __version__, influence
 from .branches import BranchPlan, calibration_model, candidate_count, on_model, plan_branches
 from .budgets import ErrorCurve, error_curve, floor_counts, mask_cost, norm_shares, refit_curve, uninformative
-from .calibration import CalibrationData, CalibrationSource, open_calibration
+from .calibration import CalibrationData, CalibrationSource, open_calibration, take_samples
 from .capture import Accumulator, CaptureResult, Dequantized, capture, dequantized
 from .census import Census, census
 from .config import Allocation, Method, Provider, PruneConfig, Ranking, Refit
@@ -57,6 +57,7 @@ from .select import (
     pattern_score,
     select,
     select_count,
+    select_counts,
     select_pattern,
 )
 from .sensitivity import ConvAccumulator, DenseAccumulator, LayerStatistics
@@ -375,7 +376,7 @@ def prepare(
     measure = (
         statistics
         if statistics is not None
-        else config.method is Method.WANDA or config.effective_allocation is Allocation.ERROR
+        else config.method is Method.WANDA or config.effective_allocation.curves
     )
     # The weights are read when first needed: before the pass for the sensitivities, after it
     # otherwise, so that they and ONNX Runtime's copy of the model are not in memory together.
@@ -497,7 +498,13 @@ def apply(
     t1 = time.perf_counter()
     scores = [_scores(w, weights[w.name], stats) for w in found.weights]
     before = [_before(s) for s in scores]  # the weights may be pruned in place below
+    auto_output = config.allocation is Allocation.AUTO and config.effective_allocation is Allocation.OUTPUT
+    held = sum(values.nbytes for values in weights.values())
+    if auto_output and held > influence.MAX_BYTES:  # the probe session holds a second copy
+        log.info("allocation: error, not output (%.1f GB of weights: the probe would copy them)", held / 1e9)
+        config = replace(config, allocation=Allocation.ERROR)
     allocation = config.effective_allocation
+    weighed: influence.Influence | None = None
     factors: dict[str, dict[int, np.ndarray]] = {}
     """Weight -> the sweep factors the error allocation computed, for the refit to reuse."""
     notes = [""] * len(scores)
@@ -509,10 +516,15 @@ def apply(
         ]
     else:
         curves = None
-        if allocation is Allocation.ERROR and config.structure is None:
+        if allocation.curves and config.structure is None:
             t_alloc = time.perf_counter()
             curves = _curves(found, scores, stats, config, factors)
             timings["allocation"] = time.perf_counter() - t_alloc
+            if allocation is Allocation.OUTPUT:
+                t_alloc = time.perf_counter()
+                weighed = _influence(prepared, config, scores, curves, factors)
+                curves = weighed.curves
+                timings["influence"] = time.perf_counter() - t_alloc
         # A used-up model keeps only the masked weights when nothing needs the original values.
         in_place = not copy_model and config.refit is Refit.NONE and not config.sequential
         selected = select(
@@ -523,7 +535,7 @@ def apply(
             config.layer_floor,
             in_place,
             config.structure,
-            allocation.value,
+            "error" if allocation.curves else allocation.value,
             curves,
         )
     timings["selection"] = time.perf_counter() - t1
@@ -565,6 +577,10 @@ def apply(
             layer_reports.append(
                 _layer_report(w, before[i], sel, refits[i], config, score.kernel_size, notes[i])
             )
+            if weighed is not None and weighed.gains[i]:
+                pruned = layer_reports[-1].nonzero_before - layer_reports[-1].kept
+                gain = influence.interpolated_gain(weighed.gains[i], np.array([pruned]))[0]
+                layer_reports[-1] = replace(layer_reports[-1], influence=float(gain))
             counted = layer_reports[-1]
             changed = counted.kept != counted.nonzero_before or (
                 sel.rows is not score.rows and not np.array_equal(sel.rows, score.rows)
@@ -981,6 +997,80 @@ def _curves(
     return out
 
 
+def _influence(
+    prepared: Prepared,
+    config: PruneConfig,
+    scores: list[WeightScores],
+    curves: list[ErrorCurve],
+    factors: dict[str, dict[int, np.ndarray]],
+) -> influence.Influence:
+    """The error curves weighted by each weight's measured influence on the outputs (see
+    influence.py): each weight pruned alone, as `apply` will prune it, in one probe session."""
+    found, stats = prepared.found, prepared.stats
+    protos = tensor_protos(prepared.proto)
+    top = {t.name for t in prepared.proto.graph.initializer}
+    top |= {n.output[0] for n in prepared.proto.graph.node if n.op_type == "Constant" and n.output}
+    biases = {w.name: w.primary.bias.tensor for w in found.weights if w.primary.bias is not None}
+    wanted = {w.stored_name for w in found.weights} | {b for b in biases.values() if b}
+
+    def probe_on(size: int, trim: bool) -> tuple[influence.OutputProbe, int]:
+        """The probe on the first `influence.SAMPLES` samples (`trim`: exactly those, however
+        the data is split into feeds), in batches of at most `size`."""
+        feeds, have = [], 0
+        for feed in prepared.data.batches(size):
+            n = prepared.data.count(feed)
+            if trim and have + n > influence.SAMPLES and not prepared.data.per_sample:
+                feed = take_samples(feed, prepared.data.axes, 0, influence.SAMPLES - have)
+                n = influence.SAMPLES - have
+            feeds.append(feed)
+            have += n
+            if have >= influence.SAMPLES:
+                break
+        provider = Provider(prepared.provider)
+        return influence.OutputProbe(prepared.proto, wanted & top, feeds, prepared.base_dir, provider), have
+
+    try:
+        probe, have = probe_on(min(config.batch_size, influence.SAMPLES), trim=True)
+    except Exception:  # noqa: BLE001 - any ONNX Runtime failure of the smaller batches
+        # A constant in the model may fix the batch (an LSTM's sequence_lens or initial_h):
+        # the calibration's own batches then run.
+        probe, have = probe_on(config.batch_size, trim=False)
+
+    def prune_alone(i: int, kept: int) -> dict[str, np.ndarray]:
+        weight, score = found.weights[i], scores[i]
+        sel = select_counts([score], config.method.value, [kept], [curves[i]], config.seed)[0]
+        rows, shift = sel.rows, None
+        if config.refit is not Refit.NONE:
+            outcome = _refit_outcome(weight, score, sel, stats, config.refit, factors.get(weight.name))
+            if isinstance(outcome, RefitOutcome):
+                rows, shift = outcome.rows, outcome.bias_shift
+        values = from_rows(rows, weight.primary.layout, weight.shape, groups=weight.primary.groups)
+        fed: dict[str, np.ndarray] = {}
+        write_weight(
+            weight, protos, values, prepared.base_dir, lambda _, v: fed.__setitem__(weight.stored_name, v)
+        )
+        slot, name = weight.primary.bias, biases.get(weight.name)
+        if shift is not None and slot is not None and name in probe.feedable:
+            scratch = onnx.TensorProto()
+            scratch.CopyFrom(protos[name])
+            shift_bias(prepared.proto, {name: scratch}, slot, shift, weight.dtype, prepared.base_dir)
+            fed[name] = read_tensor(scratch, prepared.base_dir)
+        return fed
+
+    lives = [int(np.count_nonzero(s.rows)) for s in scores]
+    keep = budget(sum(s.rows.size for s in scores), config.sparsity)
+    feedable = [w.stored_name in probe.feedable for w in found.weights]
+    found_influence = influence.weigh_curves(curves, lives, keep, feedable, prune_alone, probe)
+    log.info(
+        "influence: %d weights measured, %d model runs on %d samples, %d rounds",
+        sum(1 for g in found_influence.gains if g),
+        found_influence.runs,
+        have,
+        found_influence.rounds,
+    )
+    return found_influence
+
+
 def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, LayerStatistics]) -> WeightScores:
     """Selection inputs of one weight: its rows and its statistics merged over its uses."""
     primary = stats.get(weight.primary.node)
@@ -992,6 +1082,37 @@ def _scores(weight: PrunableWeight, values: np.ndarray, stats: Mapping[str, Laye
         input_sqnorm=_merge(weight, stats, "input_sqnorm") if primary else None,
         patches=primary.patches_per_sample if primary else 1,
         kernel_size=weight.primary.kernel_size,
+    )
+
+
+def _refit_outcome(
+    weight: PrunableWeight,
+    score: WeightScores,
+    sel: SelectedWeight,
+    stats: Mapping[str, LayerStatistics],
+    mode: Refit,
+    factors: dict[int, np.ndarray] | None = None,
+    target: tuple[np.ndarray, np.ndarray] | None = None,
+) -> RefitOutcome | RefitReport:
+    """The refit of one weight's kept entries (and its bias shift), or why there is none."""
+    layer = weight.primary
+    if len(weight.layers) > 1:
+        return RefitReport("skipped", f"shared by {len(weight.layers)} layers: mask only")
+    st = stats[layer.node]
+    if st.gram is None or st.input_sum is None:  # pragma: no cover - gram is always asked for
+        return RefitReport("skipped", "no calibration statistics")
+    if np.array_equal(sel.rows, score.rows):
+        return RefitReport("none", "nothing pruned", 0.0, 0.0)
+    reference = score.rows if target is None else target[0]
+    return refit_layer(
+        reference,
+        sel.rows if target is None else np.where(sel.rows != 0, reference, 0.0),
+        st.gram,
+        st.input_sum,
+        st.points,
+        weights=mode is Refit.OBS and not layer.refit_problem,
+        bias=layer.bias is not None,
+        factors=factors,
     )
 
 
@@ -1012,24 +1133,9 @@ def _refit(
     `target`: rows to refit towards instead of the dense ones, and a bias shift to add (the
     sequential refit's `_teacher_target`)."""
     layer = weight.primary
-    if len(weight.layers) > 1:
-        return sel, RefitReport("skipped", f"shared by {len(weight.layers)} layers: mask only")
-    st = stats[layer.node]
-    if st.gram is None or st.input_sum is None:  # pragma: no cover - gram is always asked for
-        return sel, RefitReport("skipped", "no calibration statistics")
-    if np.array_equal(sel.rows, score.rows):
-        return sel, RefitReport("none", "nothing pruned", 0.0, 0.0)
-    reference = score.rows if target is None else target[0]
-    outcome: RefitOutcome = refit_layer(
-        reference,
-        sel.rows if target is None else np.where(sel.rows != 0, reference, 0.0),
-        st.gram,
-        st.input_sum,
-        st.points,
-        weights=mode is Refit.OBS and not layer.refit_problem,
-        bias=layer.bias is not None,
-        factors=factors,
-    )
+    outcome = _refit_outcome(weight, score, sel, stats, mode, factors, target)
+    if isinstance(outcome, RefitReport):
+        return sel, outcome
     bias_tensor = None
     if layer.bias is not None and outcome.bias_shift is not None:
         shift = outcome.bias_shift if target is None else outcome.bias_shift + target[1]
@@ -1102,7 +1208,7 @@ def _ranking(config: PruneConfig, sel: SelectedWeight) -> str | None:
     """The order a weight was pruned in, where `--ranking measured` chose one."""
     if config.ranking is not Ranking.MEASURED or config.method is not Method.SIPP_DET:
         return None
-    if config.effective_allocation is not Allocation.ERROR or config.sparsity == 0:
+    if not config.effective_allocation.curves or config.sparsity == 0:
         return None
     return sel.ranking or "sensitivity"
 

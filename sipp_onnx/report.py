@@ -84,6 +84,9 @@ class LayerReport:
     ranking: str | None = None
     """With `--ranking measured`: 'sensitivity' or 'wanda', the order this weight was pruned in
     (the one whose measured error was lower at its count); None where no choice was made."""
+    influence: float | None = None
+    """With `--allocation output`: the measured model-output error per unit of this weight's
+    own relative error at its count (influence.py); None where not measured."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ class PruneReport:
     size_after: FileSize | None = None
     """The written output's files (None when nothing was written)."""
     allocation: str = "global"
-    """How the target was split across tensors: global, sipp, error (see budgets.py), or
+    """How the target was split across tensors: global, sipp, error, output (see budgets.py and
+    influence.py), or
     'sampling' (sipp-rand/-hybrid's own bound) and 'pattern' (N:M)."""
     census: Census | None = None
     """Where the model's parameters are: the prunable share and the kinds of the rest (see
@@ -174,6 +178,9 @@ class PruneReport:
         refit = any(layer.refit is not None for layer in self.layers)
         if refit:
             header += ("out err",)
+        influence = any(layer.influence is not None for layer in self.layers)
+        if influence:
+            header += ("influence",)
         rows = [header]
         for layer in self.layers:
             s = layer.sensitivity
@@ -190,6 +197,8 @@ class PruneReport:
             )
             if refit:
                 row += (_refit_cell(layer.refit),)
+            if influence:
+                row += (f"{layer.influence:.3g}" if layer.influence is not None else "-",)
             rows.append(row)
         total = (
             "total",

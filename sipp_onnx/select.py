@@ -570,12 +570,23 @@ def select(
     if allocation != "error" or curves is None:
         raise ValueError(f"allocation {allocation!r} needs error curves" if curves is None else allocation)
     counts = counts_from_curves(curves, [w.rows for w in weights], keep)
+    return select_counts(weights, method, counts, curves, seed, in_place)
+
+
+def select_counts(
+    weights: Sequence[WeightScores],
+    method: str,
+    counts: Sequence[int],
+    curves: Sequence[ErrorCurve],
+    seed: int = 0,
+    in_place: bool = False,
+) -> list[SelectedWeight]:
+    """Keep `counts[i]` weights of each weight i by `method` within it; sipp-det's layers whose
+    curve measured Wanda's order lower at that count (`ErrorCurve.prefers_alternative`) are
+    pruned in Wanda's order, their SiPP bound computed for the mask chosen."""
     out = []
     for w, k, curve in zip(weights, counts, curves, strict=True):
-        if curve.alternative is None:
-            out.append(select_count([w], method, k, seed, 0.0, in_place)[0])
-            continue
-        if not curve.prefers_alternative(int(np.count_nonzero(w.rows)) - k):
+        if curve.alternative is None or not curve.prefers_alternative(int(np.count_nonzero(w.rows)) - k):
             out.append(select_count([w], method, k, seed, 0.0, in_place)[0])
             continue
         signs = np.sign(w.rows).astype(np.int8)  # `in_place` zeroes w.rows; the bound needs signs

@@ -241,8 +241,9 @@ def sweep(
         gram=any(v.refit is not Refit.NONE for v in variants),
         statistics=any(
             v.method is Method.WANDA
-            or replace(base, method=v.method, allocation=v.allocation or base.allocation).effective_allocation
-            is Allocation.ERROR
+            or replace(
+                base, method=v.method, allocation=v.allocation or base.allocation
+            ).effective_allocation.curves
             for v in variants
         ),
     )

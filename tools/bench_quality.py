@@ -274,7 +274,32 @@ def peer_points(
     return points
 
 
-def bench_one(bench: Bench, sparsities: list[float], batch_size: int, out: Path, peer: bool) -> SweepResult:
+def merged(result: SweepResult, out_dir: Path) -> SweepResult:
+    """`result`'s variants in place of the same variants of the sweep saved in `out_dir` (the
+    others' points kept): a `--variants` run adds rows without rerunning the rest."""
+    path = out_dir / "sweep.json"
+    if not path.exists():
+        return result
+    old = SweepResult.from_dict(json.loads(path.read_text()))
+    names = set(result.variants)
+    return replace(
+        old,
+        variants=old.variants + [v for v in result.variants if v not in old.variants],
+        points=[p for p in old.points if p.variant not in names] + list(result.points),
+        sparsities=sorted(set(old.sparsities) | set(result.sparsities)),
+    )
+
+
+def bench_one(
+    bench: Bench,
+    sparsities: list[float],
+    batch_size: int,
+    out: Path,
+    peer: bool,
+    only: tuple[str, ...] | None = None,
+) -> SweepResult:
+    """Every variant of OURS (and the mean reduction, and the peer), or with `only` just those
+    variants, merged into the saved sweep (`merged`)."""
     # A variant without '@ALLOCATION' uses the original global allocation, whatever the default.
     config = PruneConfig(batch_size=batch_size, allocation="global")
     t0 = time.perf_counter()
@@ -282,7 +307,7 @@ def bench_one(bench: Bench, sparsities: list[float], batch_size: int, out: Path,
         bench.model,
         bench.calib,
         bench.evaluation,
-        [Variant.parse(v, "none") for v in OURS],
+        [Variant.parse(v, "none") for v in (only or OURS)],
         sparsities,
         config,
         metric=bench.metric,
@@ -291,6 +316,10 @@ def bench_one(bench: Bench, sparsities: list[float], batch_size: int, out: Path,
             f"  {bench.name} {p.variant} {p.sparsity:.0%}: {p.metric:.4f}", file=sys.stderr
         ),
     )
+    if only:
+        result = merged(replace(ours, model=bench.name), out / bench.name)
+        write_sweep(result, out / bench.name)
+        return result
     mean = sweep(
         bench.model,
         bench.calib,
@@ -679,6 +708,13 @@ def main() -> int:
     parser.add_argument("--no-peer", action="store_true", help="Skip the onnxsim peer.")
     parser.add_argument("--write-docs", action="store_true")
     parser.add_argument(
+        "--variants",
+        default=None,
+        help="Only these variants (comma-separated, e.g. sipp-det+obs@output): their points replace "
+        "the same variants' in OUT/MODEL/sweep.json, the rest is kept (no peer, no mean run). "
+        "Models with a task metric are skipped.",
+    )
+    parser.add_argument(
         "--pattern",
         default=None,
         help="Only the N:M comparison (e.g. 2:4): every method at 50 %% unstructured and with the "
@@ -738,8 +774,15 @@ def main() -> int:
             return 1
     t0 = time.perf_counter()
     results = []
+    only = tuple(args.variants.split(",")) if args.variants else None
     for bench in chosen:
         print(f"{bench.name}:", file=sys.stderr)
+        if only and bench.task:
+            print(f"  skipped: --variants does not cover {bench.name}'s task metric", file=sys.stderr)
+            continue
+        if only:
+            results.append(bench_one(bench, sparsities, args.batch_size, args.out, False, only))
+            continue
         run = bench_task if bench.task else bench_one
         results.append(run(bench, sparsities, args.batch_size, args.out, peer))
     seconds = time.perf_counter() - t0

@@ -32,7 +32,8 @@ import onnx
 
 from ..calibration import BatchAxes, count_samples, take_samples
 from ..config import Provider
-from ..runtime import make_session
+from ..influence import Readout, divergence, readouts
+from ..runtime import add_outputs, make_session
 from .compensate import Compensation
 from .groups import Plan
 from .surgery import apply_surgery
@@ -42,20 +43,18 @@ log = logging.getLogger(__name__)
 Compensate = Callable[[np.ndarray], dict[int, Compensation]]
 
 
-def output_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    """Mean over the float outputs of the relative L2 error, each output weighted alike whatever
-    its size (a [B, T*384] token output must not drown the [B, 384] pooled one). Errors of
-    separate cuts add at most linearly (triangle inequality), so the allocator sums them; summing
-    squared errors, their expectation for independent cuts, measured worse (MiniLM at 25 %:
-    cosine 0.960 against 0.984)."""
-    values = []
-    for a, b in zip(got, want, strict=True):
-        if np.asarray(b).dtype.kind != "f":
-            continue
-        a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        den = float((b64**2).sum())
-        num = float(((a64 - b64) ** 2).sum())
-        values.append(np.sqrt(num / den) if den > 0 else np.sqrt(num))
+def output_error(readouts: list[Readout], got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    """Mean over the float readouts of the square root of their divergence (influence.py: the
+    relative L2 error of a plain output, sqrt(KL) of a squashed one's logits), each output
+    weighted alike whatever its size (a [B, T*384] token output must not drown the [B, 384]
+    pooled one). Errors of separate cuts add at most linearly (triangle inequality), so the
+    allocator sums them; summing squared errors, their expectation for independent cuts,
+    measured worse (MiniLM at 25 %: cosine 0.960 against 0.984)."""
+    values = [
+        np.sqrt(divergence(r, [a], [b]))
+        for r, a, b in zip(readouts, got, want, strict=True)
+        if np.asarray(b).dtype.kind == "f"
+    ]
     return float(np.mean(values)) if values else 0.0
 
 
@@ -80,19 +79,29 @@ class Probe:
         axes: BatchAxes | None = None,
     ) -> None:
         """`axes`: the feed's batch axis per input (see calibration.py; default axis 0)."""
-        self.proto, self.plan, self.scores = proto, plan, scores.astype(np.float64)
+        self.plan, self.scores = plan, scores.astype(np.float64)
         self.compensate, self.multiple, self.base_dir = compensate, multiple, base_dir
         axes = axes or {}
         self.feed = take_samples(feed, axes, 0, samples)
-        self.names = list(reference)
+        # Outputs are compared before they are squashed (influence.logit_names): a confident
+        # classifier's probabilities barely move whatever is cut.
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17)
+        self.readouts = readouts(proto.graph, opset)
+        self.names = [r.name for r in self.readouts]
+        self.proto = proto
+        if any(name not in reference for name in self.names):
+            self.proto = onnx.ModelProto()
+            self.proto.CopyFrom(proto)
+            add_outputs(self.proto, self.names)
         n = count_samples(feed, axes)
         on_first_axis = all(axis == 0 for axis in axes.values() if axis is not None) and all(
-            np.ndim(reference[name]) and np.shape(reference[name])[0] == n for name in self.names
+            name in reference and np.ndim(reference[name]) and np.shape(reference[name])[0] == n
+            for name in self.names
         )
         if on_first_axis:  # the reference outputs of the first samples are a slice
             self.want = [np.asarray(reference[name])[:samples] for name in self.names]
         else:  # samples elsewhere (a state [2, batch, 128], a scalar output): run the dense model
-            session, _ = make_session(proto, Provider.CPU, optimize=False, base_dir=base_dir)
+            session, _ = make_session(self.proto, Provider.CPU, optimize=False, base_dir=base_dir)
             self.want = list(session.run(self.names, dict(self.feed)))
         self.errors: dict[int, dict[int, float]] = {}
         """Group -> {components cut: output error}."""
@@ -115,7 +124,7 @@ class Probe:
         model.CopyFrom(self.proto)
         apply_surgery(model, self.plan, keep, self.compensate(keep), base_dir=self.base_dir)
         session, _ = make_session(model, Provider.CPU, optimize=False, base_dir=self.base_dir)
-        measured[cut] = output_error(session.run(self.names, dict(self.feed)), self.want)
+        measured[cut] = output_error(self.readouts, session.run(self.names, dict(self.feed)), self.want)
         self.runs += 1
         log.debug("probe %s: %d cut -> output error %.4g", self.plan.groups[g].name, cut, measured[cut])
 
