@@ -25,9 +25,10 @@ from sipp_onnx.evaluate import evaluate
 
 MODELS = ("lenet300", "cnn", "tokens")
 # (method, reduction, terms, refit, sequential); the default first, then the alternatives.
-# METHOD@ALLOCATION overrides the default allocation (auto: error for sipp-det, global otherwise).
+# METHOD@ALLOCATION overrides the default allocation (auto: output for sipp-det, global otherwise).
 VARIANTS = (
     ("sipp-det", "max", "absolute", "obs", False),
+    ("sipp-det@error", "max", "absolute", "obs", False),
     ("sipp-det@global", "max", "absolute", "obs", False),
     ("sipp-det", "max", "absolute", "obs", True),
     ("sipp-det", "max", "absolute", "bias", False),
@@ -100,8 +101,9 @@ def markdown(rows: list[dict], sparsities: list[float], seconds: float) -> str:
     lines = [
         "Test accuracy (%) after pruning to each sparsity; produced by `python tools/reference_results.py "
         f"--write-readme` (sipp-onnx {__version__}, {platform.machine()}, {seconds:.0f} s). "
-        "The default (sipp-det, max, absolute, refit obs, layer floor 0.25, allocation auto = error) comes "
-        "first, then `@global` (the one-threshold allocation that was the default before), the other SiPP "
+        "The default (sipp-det, max, absolute, refit obs, layer floor 0.25, allocation auto = output) comes "
+        "first, then `@error` (the layer-error allocation, the default before) and `@global` (the "
+        "one-threshold allocation, the default before that), the other SiPP "
         "variants, with and without refit, and the spec's signed terms; reduction and terms do not "
         "apply to magnitude and wanda. '+seq' is --sequential. See docs/algorithm.md for what they "
         "mean. 400 test images: 0.25 points each.",
