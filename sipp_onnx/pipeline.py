@@ -1013,28 +1013,41 @@ def _influence(
     biases = {w.name: w.primary.bias.tensor for w in found.weights if w.primary.bias is not None}
     wanted = {w.stored_name for w in found.weights} | {b for b in biases.values() if b}
 
-    def probe_on(size: int, trim: bool) -> tuple[influence.OutputProbe, int]:
-        """The probe on the first `influence.SAMPLES` samples (`trim`: exactly those, however
-        the data is split into feeds), in batches of at most `size`."""
+    def probe_on(
+        size: int, trim: bool, samples: int = influence.SAMPLES
+    ) -> tuple[influence.OutputProbe, int]:
+        """The probe on the first `samples` samples (`trim`: exactly those, however the data is
+        split into feeds), in batches of at most `size`."""
         feeds, have = [], 0
-        for feed in prepared.data.batches(size):
+        for feed in prepared.data.batches(min(size, samples) if trim else size):
             n = prepared.data.count(feed)
-            if trim and have + n > influence.SAMPLES and not prepared.data.per_sample:
-                feed = take_samples(feed, prepared.data.axes, 0, influence.SAMPLES - have)
-                n = influence.SAMPLES - have
+            if trim and have + n > samples and not prepared.data.per_sample:
+                feed = take_samples(feed, prepared.data.axes, 0, samples - have)
+                n = samples - have
             feeds.append(feed)
             have += n
-            if have >= influence.SAMPLES:
+            if have >= samples:
                 break
         provider = Provider(prepared.provider)
         return influence.OutputProbe(prepared.proto, wanted & top, feeds, prepared.base_dir, provider), have
 
+    trim = True
     try:
-        probe, have = probe_on(min(config.batch_size, influence.SAMPLES), trim=True)
+        probe, have = probe_on(config.batch_size, trim)
     except Exception:  # noqa: BLE001 - any ONNX Runtime failure of the smaller batches
         # A constant in the model may fix the batch (an LSTM's sequence_lens or initial_h):
         # the calibration's own batches then run.
-        probe, have = probe_on(config.batch_size, trim=False)
+        trim = False
+        probe, have = probe_on(config.batch_size, trim)
+    # Expected runs: every weight once, some again, both splits; kept within the budget.
+    runs = 2 * len(found.weights) + 2
+    budget_s = influence.BUDGET * (
+        prepared.timings.get("capture", 0.0) + prepared.timings.get("sensitivity", 0.0)
+    )
+    if trim and have > 1 and probe.seconds * runs > budget_s:
+        fewer = max(1, int(have * budget_s / (probe.seconds * runs)))
+        log.info("influence: %d samples per measurement, not %d (time budget)", fewer, have)
+        probe, have = probe_on(config.batch_size, trim, fewer)
 
     def prune_alone(i: int, kept: int) -> dict[str, np.ndarray]:
         weight, score = found.weights[i], scores[i]

@@ -271,3 +271,19 @@ def test_prune_with_the_output_allocation(tmp_path: Path):
     gains = [layer.influence for layer in report.layers]
     assert all(g is not None and g > 0 for g in gains)
     assert "influence" in report.format_table().splitlines()[0]
+
+
+def test_measurements_shrink_to_the_time_budget(tmp_path: Path, monkeypatch, caplog):
+    """A probe slower than its budget measures on fewer samples (at least one), and still prunes."""
+    import logging
+
+    from sipp_onnx import influence
+
+    monkeypatch.setattr(influence, "BUDGET", 0.0)
+    model = save(mlp(), tmp_path / "m.onnx")
+    x = gaussian_calibration((20,), n=64)
+    with caplog.at_level(logging.INFO, logger="sipp_onnx.pipeline"):
+        result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.6, allocation=Allocation.OUTPUT))
+    assert "1 samples per measurement, not 16" in caplog.text
+    assert "model runs on 1 samples" in caplog.text
+    assert result.report.allocation == "output"
