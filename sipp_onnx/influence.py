@@ -305,12 +305,29 @@ def weigh_curves(
     feedable: Sequence[bool],
     prune_alone: Callable[[int, int], Mapping[str, np.ndarray]],
     probe: OutputProbe,
+    cache_bytes: int = 0,
 ) -> Influence:
     """Measure and split for up to `ROUNDS` rounds (see the module docstring).
 
     `lives[i]`: weight i's live entries; `keep`: entries kept in all; `feedable[i]`: whether
     weight i can be measured; `prune_alone(i, kept)`: the tensors to feed for weight i pruned
-    alone to `kept` entries (its stored weight, its shifted bias)."""
+    alone to `kept` entries (its stored weight, its shifted bias). Up to `cache_bytes` of its
+    results are kept for the whole-model checks, which then need no second refit of a weight
+    at a count already measured (the plain split's counts are the first round's)."""
+    cache: dict[tuple[int, int], Mapping[str, np.ndarray]] = {}
+    held = 0
+
+    def pruned(i: int, kept: int) -> Mapping[str, np.ndarray]:
+        nonlocal held
+        got = cache.get((i, kept))
+        if got is None:
+            got = prune_alone(i, kept)
+            size = sum(np.asarray(v).nbytes for v in got.values())
+            if held + size <= cache_bytes:
+                cache[(i, kept)] = got
+                held += size
+        return got
+
     gains: list[dict[int, float]] = [{} for _ in curves]
     weighted = list(curves)
     rounds = 0
@@ -325,11 +342,11 @@ def weigh_curves(
             rounds -= 1
             break
         for i in todo:
-            pruned = lives[i] - kept[i]
-            own = float(np.interp(pruned, curves[i].envelope().pruned, curves[i].envelope().error))
+            count = lives[i] - kept[i]
+            own = float(np.interp(count, curves[i].envelope().pruned, curves[i].envelope().error))
             if own <= 0:  # the layer's change is nil on the calibration data: nothing to scale
                 continue
-            gains[i][pruned] = probe.error(prune_alone(i, kept[i])) / own
+            gains[i][count] = probe.error(pruned(i, kept[i])) / own
         log.debug("influence round %d: %d weights measured", rounds, len(todo))
         filled = fill_gains(gains)
         weighted = [scaled(c, g) for c, g in zip(curves, filled, strict=True)]
@@ -340,7 +357,7 @@ def weigh_curves(
             fed: dict[str, np.ndarray] = {}
             for i, (n, k) in enumerate(zip(lives, kept, strict=True)):
                 if k < n:
-                    fed.update(prune_alone(i, k))
+                    fed.update(pruned(i, k))
             joint[label] = probe.error(fed)
     chosen = "plain" if joint and joint["plain"] < joint["weighted"] else "weighted"
     log.debug("influence: joint output errors %s, %s split chosen", joint, chosen)

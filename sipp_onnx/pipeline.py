@@ -1073,13 +1073,15 @@ def _influence(
     lives = [int(np.count_nonzero(s.rows)) for s in scores]
     keep = budget(sum(s.rows.size for s in scores), config.sparsity)
     feedable = [w.stored_name in probe.feedable for w in found.weights]
-    found_influence = influence.weigh_curves(curves, lives, keep, feedable, prune_alone, probe)
+    held = sum(values.nbytes for values in prepared.weights.values())  # one more copy at most
+    found_influence = influence.weigh_curves(curves, lives, keep, feedable, prune_alone, probe, held)
     log.info(
-        "influence: %d weights measured, %d model runs on %d samples, %d rounds",
+        "influence: %d weights measured, %d model runs on %d samples, %d rounds (%s split kept)",
         sum(1 for g in found_influence.gains if g),
         found_influence.runs,
         have,
         found_influence.rounds,
+        found_influence.chosen,
     )
     return found_influence
 

@@ -287,3 +287,29 @@ def test_measurements_shrink_to_the_time_budget(tmp_path: Path, monkeypatch, cap
     assert "1 samples per measurement, not 16" in caplog.text
     assert "model runs on 1 samples" in caplog.text
     assert result.report.allocation == "output"
+
+
+def test_whole_model_checks_reuse_the_measured_prunes():
+    """The plain split's counts are the first round's: with a cache, no weight is pruned twice
+    at one count (each prune is a refit)."""
+    pruned = np.arange(0, 101, 10)
+    curves = [ErrorCurve(pruned, (pruned / 100.0) ** 2) for _ in range(2)]
+    asked: list[tuple[int, int]] = []
+
+    def prune_alone(i, k):
+        asked.append((i, k))
+        return {i: np.int64(k)}
+
+    probe = _FakeProbe(curves, [1.0, 100.0])
+    weigh_curves(curves, [100, 100], 100, [True, True], prune_alone, probe, cache_bytes=10**6)
+    assert len(asked) == len(set(asked))
+    uncached: list[tuple[int, int]] = []
+    weigh_curves(
+        curves,
+        [100, 100],
+        100,
+        [True, True],
+        lambda i, k: uncached.append((i, k)) or {i: k},
+        _FakeProbe(curves, [1.0, 100.0]),
+    )
+    assert len(uncached) > len(asked)
