@@ -306,6 +306,7 @@ def weigh_curves(
     prune_alone: Callable[[int, int], Mapping[str, np.ndarray]],
     probe: OutputProbe,
     cache_bytes: int = 0,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> Influence:
     """Measure and split for up to `ROUNDS` rounds (see the module docstring).
 
@@ -313,7 +314,8 @@ def weigh_curves(
     weight i can be measured; `prune_alone(i, kept)`: the tensors to feed for weight i pruned
     alone to `kept` entries (its stored weight, its shifted bias). Up to `cache_bytes` of its
     results are kept for the whole-model checks, which then need no second refit of a weight
-    at a count already measured (the plain split's counts are the first round's)."""
+    at a count already measured (the plain split's counts are the first round's). `progress`
+    is told (stage, done, total) after each measurement."""
     cache: dict[tuple[int, int], Mapping[str, np.ndarray]] = {}
     held = 0
 
@@ -341,7 +343,9 @@ def weigh_curves(
         if not todo:
             rounds -= 1
             break
-        for i in todo:
+        for step, i in enumerate(todo, 1):
+            if progress is not None:
+                progress(f"influence round {rounds}", step, len(todo))
             count = lives[i] - kept[i]
             own = float(np.interp(count, curves[i].envelope().pruned, curves[i].envelope().error))
             if own <= 0:  # the layer's change is nil on the calibration data: nothing to scale

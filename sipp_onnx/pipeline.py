@@ -522,7 +522,7 @@ def apply(
             timings["allocation"] = time.perf_counter() - t_alloc
             if allocation is Allocation.OUTPUT:
                 t_alloc = time.perf_counter()
-                weighed = _influence(prepared, config, scores, curves, factors)
+                weighed = _influence(prepared, config, scores, curves, factors, progress)
                 curves = weighed.curves
                 timings["influence"] = time.perf_counter() - t_alloc
         # A used-up model keeps only the masked weights when nothing needs the original values.
@@ -1003,6 +1003,7 @@ def _influence(
     scores: list[WeightScores],
     curves: list[ErrorCurve],
     factors: dict[str, dict[int, np.ndarray]],
+    progress: Progress | None = None,
 ) -> influence.Influence:
     """The error curves weighted by each weight's measured influence on the outputs (see
     influence.py): each weight pruned alone, as `apply` will prune it, in one probe session."""
@@ -1074,7 +1075,9 @@ def _influence(
     keep = budget(sum(s.rows.size for s in scores), config.sparsity)
     feedable = [w.stored_name in probe.feedable for w in found.weights]
     held = sum(values.nbytes for values in prepared.weights.values())  # one more copy at most
-    found_influence = influence.weigh_curves(curves, lives, keep, feedable, prune_alone, probe, held)
+    found_influence = influence.weigh_curves(
+        curves, lives, keep, feedable, prune_alone, probe, held, progress
+    )
     log.info(
         "influence: %d weights measured, %d model runs on %d samples, %d rounds (%s split kept)",
         sum(1 for g in found_influence.gains if g),

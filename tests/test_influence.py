@@ -260,9 +260,16 @@ def test_weigh_curves_gives_unmeasurable_weights_the_median():
 def test_prune_with_the_output_allocation(tmp_path: Path):
     model = save(mlp(), tmp_path / "m.onnx")
     x = gaussian_calibration((20,), n=64)
-    result = prune_model(model, {"x": x}, PruneConfig(sparsity=0.6, allocation=Allocation.OUTPUT))
+    stages = []
+    result = prune_model(
+        model,
+        {"x": x},
+        PruneConfig(sparsity=0.6, allocation=Allocation.OUTPUT),
+        progress=lambda stage, done, total: stages.append((stage, done, total)),
+    )
     report = result.report
     assert report.allocation == "output"
+    assert ("influence round 1", 3, 3) in stages  # three weights measured, progress after each
     assert "influence" in report.timings
     kept = sum(layer.kept for layer in report.layers)
     total = sum(layer.params for layer in report.layers)
