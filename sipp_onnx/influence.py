@@ -82,6 +82,10 @@ BUDGET = 2.0
 capture and statistics); beyond it, fewer samples are measured (at least one). A detector on
 480 x 480 pages ran 16 pages per measurement, 130 times: 465 s against 4 s for the error
 allocation."""
+BUDGET_FLOOR_S = 60.0
+"""...and only when the runs would take more than this many seconds: below it the sample count
+never depends on the machine's timing (an in-memory and an external-data copy of one model
+prune alike)."""
 FLOOR = 0.01
 """No gain below this fraction of the median gain."""
 _SQUASH = {"Softmax", "LogSoftmax", "Sigmoid"}

@@ -1045,7 +1045,7 @@ def _influence(
     budget_s = influence.BUDGET * (
         prepared.timings.get("capture", 0.0) + prepared.timings.get("sensitivity", 0.0)
     )
-    if trim and have > 1 and probe.seconds * runs > budget_s:
+    if trim and have > 1 and probe.seconds * runs > max(budget_s, influence.BUDGET_FLOOR_S):
         fewer = max(1, int(have * budget_s / (probe.seconds * runs)))
         log.info("influence: %d samples per measurement, not %d (time budget)", fewer, have)
         probe, have = probe_on(config.batch_size, trim, fewer)

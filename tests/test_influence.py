@@ -287,6 +287,7 @@ def test_measurements_shrink_to_the_time_budget(tmp_path: Path, monkeypatch, cap
     from sipp_onnx import influence
 
     monkeypatch.setattr(influence, "BUDGET", 0.0)
+    monkeypatch.setattr(influence, "BUDGET_FLOOR_S", 0.0)
     model = save(mlp(), tmp_path / "m.onnx")
     x = gaussian_calibration((20,), n=64)
     with caplog.at_level(logging.INFO, logger="sipp_onnx.pipeline"):
