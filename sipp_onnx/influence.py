@@ -64,7 +64,7 @@ is not measured again."""
 MAX_BYTES = 2**30
 """`--allocation auto` measures influences only for models of at most this many bytes of
 prunable weights (as float32): the probe session holds a second copy of the model, and the
-measured prunes kept for the whole-model checks (`weigh_curves(cache_bytes=)`) at most a third."""
+measured prunes kept for the whole-model checks (`weigh_curves(cache_bytes=)`) at most one more."""
 FEEDABLE = frozenset(
     {
         onnx.TensorProto.FLOAT,
